@@ -1,0 +1,117 @@
+"""Measure the hot paths with train.py's hyperparameters (override them as --name=value) and print one table.
+
+    python bench.py                                   # train.py's defaults, on cuda if present, else cpu
+    python bench.py --n_hiddens=128 --batch_size=8 --device=cpu
+    python bench.py --prep=True                       # also time data preparation on a study-sized phantom
+
+Training, inference and validation-metric throughput use random 256x128 slices on the device; preparation
+timing writes the phantom once to data/study (11,460 + 660 + 540 slices) and times a cold and a cached load.
+"""
+import os
+import shutil
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import dataset
+import train
+from modules import VQVAE
+from utils import apply_overrides, psnr_torch, ssim_torch
+
+config = {k: getattr(train, k) for k in train.config_keys}
+config.update(steps=20, warmup=3, prep=False, eval_batch_size=64)
+apply_overrides(config, sys.argv[1:], types=train.TYPES)
+dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config["device"] == "auto" else config["device"])
+cuda = dev.type == "cuda"
+if cuda:
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+STUDY_SIZES = {"train": 11460, "validate": 660, "test": 540}
+
+
+def timed(fn, n_items):
+    """Items per second of fn over config['steps'] calls, after warm-up, with the device synchronised."""
+    for _ in range(config["warmup"]):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(config["steps"]):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return config["steps"] * n_items / (time.perf_counter() - t0)
+
+
+def main():
+    torch.manual_seed(0)
+    model = VQVAE(**{k: config[k] for k in train.MODEL_KEYS}).to(dev)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    step_model = torch.compile(model) if config["compile"] else model
+    opt = torch.optim.AdamW(model.parameters(), lr=config["learning_rate"], fused=cuda)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=config["amp"] and cuda)
+    bs, ebs = config["batch_size"], config["eval_batch_size"]
+    x = torch.rand(bs, 1, dataset.H, dataset.W, device=dev)
+    xe = torch.rand(ebs, 1, dataset.H, dataset.W, device=dev)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    def train_step():
+        with autocast:
+            xh, commit, _ = step_model(x)
+            xh = xh.float()
+            loss = F.mse_loss(xh, x) + commit
+            if config["ssim_weight"]:
+                loss = loss + config["ssim_weight"] * (1 - ssim_torch(xh, x).mean())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    @torch.no_grad()
+    def infer():
+        with autocast:
+            return model.eval()(xe)[0]
+
+    rows = [("device", str(torch.cuda.get_device_name(dev) if cuda else f"cpu ({torch.get_num_threads()} threads)")),
+            ("model", f"n_hiddens={config['n_hiddens']} n_residual_layers={config['n_residual_layers']} "
+                      f"batch_size={bs} amp={config['amp'] and cuda} compile={config['compile']}")]
+    train_ips = timed(train_step, bs)
+    rows.append(("train images/s", f"{train_ips:.1f}"))
+    rows.append(("inference images/s", f"{timed(infer, ebs):.1f}"))
+    y = torch.rand_like(xe)
+    rows.append(("validation SSIM+PSNR images/s", f"{timed(lambda: (ssim_torch(xe, y), psnr_torch(xe, y)), ebs):.0f}"))
+    if cuda:
+        rows.append(("peak GPU memory (train+infer)", f"{torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB"))
+        from torch.utils.flop_counter import FlopCounterMode
+        with FlopCounterMode(display=False) as fc:
+            train_step()
+        flops = fc.get_total_flops() / bs
+        rows.append(("train FLOPs per image", f"{flops / 1e9:.2f} GFLOP"))
+        peak = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+        name = torch.cuda.get_device_name(dev)
+        p = next((v for k, v in peak.items() if k in name), None)
+        if p:
+            rows.append(("fraction of dense bf16 peak", f"{train_ips * flops / p:.1%}"))
+    else:
+        import resource
+        rows.append(("peak host memory (RSS)", f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"))
+    if config["prep"]:
+        root = os.path.join(dataset.REPO, "data", "study")
+        dataset.ensure_demo(root, STUDY_SIZES)
+        cache = os.path.join(dataset.REPO, "data", "bench_cache")
+        shutil.rmtree(cache, ignore_errors=True)
+        splits = dataset.find_splits(root)
+        n = sum(len(f) for f in splits.values())
+        for label in ("data preparation, cold", "data preparation, cached"):
+            t0 = time.perf_counter()
+            for s, files in splits.items():
+                dataset.prepare(files, cache, desc=s)
+            rows.append((f"{label} ({n} slices)", f"{time.perf_counter() - t0:.1f} s"))
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Slices from disk to normalised arrays: find the course layout, split by patient, load, resize, normalise, cache.
+
+Normalisation: each slice is scaled by its own minimum and maximum to [0, 1] (the same scaling the reported SSIM
+uses), and (lo, hi) are kept per slice so x * (hi - lo) + lo puts a reconstruction back in the file's units.
+"""
+import glob
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import re
+
+import numpy as np
+from skimage.transform import resize
+from tqdm import tqdm
+
+from utils import DataError, read_nifti
+
+H, W = 256, 128
+SPLITS = ("train", "validate", "test")
+REPO = os.path.dirname(os.path.abspath(__file__))
+DEMO_ROOT = os.path.join(REPO, "data", "demo")
+DEMO_SIZES = {"train": 640, "validate": 80, "test": 60}
+PREP_VERSION = 1  # bump when load_slice changes, so old caches are never used
+
+
+def list_slices(folder):
+    """Sorted NIfTI files (*.nii, *.nii.gz) of one split folder."""
+    if not os.path.isdir(folder):
+        raise DataError(f"{folder}: folder not found")
+    files = sorted(glob.glob(os.path.join(folder, "*.nii")) + glob.glob(os.path.join(folder, "*.nii.gz")))
+    if not files:
+        raise DataError(f"{folder}: no .nii or .nii.gz files")
+    return files
+
+
+def case_id(path):
+    m = re.search(r"case_(\d+)", os.path.basename(path))
+    if not m:
+        raise DataError(f"{path}: name has no case_XXX part, cannot hold out whole patients")
+    return m.group(1)
+
+
+def patient_split(files, val_fraction, seed):
+    """Hold out whole patients: a patient's slices all land on one side."""
+    cases = sorted({case_id(f) for f in files})
+    if len(cases) < 2:
+        raise DataError(f"{os.path.dirname(files[0])}: one patient only, cannot hold out a validation patient")
+    n_val = min(len(cases) - 1, max(1, round(len(cases) * val_fraction)))
+    held = set(np.random.default_rng(seed).choice(cases, n_val, replace=False))
+    return [f for f in files if case_id(f) not in held], [f for f in files if case_id(f) in held]
+
+
+def find_splits(data_dir=None, train_dir=None, validate_dir=None, test_dir=None, val_fraction=0.1, seed=0):
+    """{split: [files]} from a course-layout root and/or per-split folders (a per-split folder wins)."""
+    dirs = {s: os.path.join(data_dir, f"keras_slices_{s}") if data_dir else None for s in SPLITS}
+    for s, d in zip(SPLITS, (train_dir, validate_dir, test_dir)):
+        dirs[s] = d or dirs[s]
+    if dirs["train"] is None:
+        raise DataError("no training data: set data_dir or train_dir")
+    splits = {"train": list_slices(dirs["train"])}
+    if dirs["validate"] and os.path.isdir(dirs["validate"]):
+        splits["validate"] = list_slices(dirs["validate"])
+    else:
+        splits["train"], splits["validate"] = patient_split(splits["train"], val_fraction, seed)
+    if dirs["test"] and (test_dir or os.path.isdir(dirs["test"])):
+        splits["test"] = list_slices(dirs["test"])
+    shared = {case_id(f) for f in splits["train"]} & {case_id(f) for f in splits["validate"]}
+    if shared:
+        raise DataError(f"{dirs['validate']}: patients {sorted(shared)} are in both train and validate")
+    return splits
+
+
+def ensure_demo(root=DEMO_ROOT, sizes=DEMO_SIZES, seed=0):
+    """Write the synthetic pelvis phantom once (into a temp folder, then rename) and return its root."""
+    if not os.path.isdir(root):
+        from phantom import write_phantom
+        print(f"writing the synthetic pelvis phantom to {root} (once)")
+        tmp = f"{root}.tmp{os.getpid()}"
+        write_phantom(tmp, sizes, seed=seed, progress=True)
+        os.makedirs(os.path.dirname(root), exist_ok=True)
+        os.replace(tmp, root)
+    return root
+
+
+def load_slice(path):
+    """One file -> float32 (H, W) in [0, 1], and its (lo, hi) intensity range. Raises DataError."""
+    a = read_nifti(path)
+    if a.shape != (H, W):
+        a = resize(a, (H, W), anti_aliasing=True, preserve_range=True)
+    lo, hi = float(a.min()), float(a.max())
+    return ((a - lo) / (hi - lo)).astype(np.float32), lo, hi
+
+
+def denormalise(x, lo, hi):
+    """Inverse of the per-slice scaling; x (..., H, W), lo/hi broadcastable per slice."""
+    return x * (hi - lo) + lo
+
+
+def _load_or_error(path):
+    try:
+        return load_slice(path)
+    except DataError as e:
+        return str(e)
+
+
+def _cache_key(files):
+    stats = [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
+    return hashlib.sha1(json.dumps([PREP_VERSION, H, W, stats]).encode()).hexdigest()[:16]
+
+
+def prepare(files, cache_dir=None, skip_bad=False, desc="prepare", workers=None):
+    """Load every file once -> dict(x=float32 (N, H, W) in [0, 1], lo, hi, files, skipped).
+
+    Bad files raise one DataError listing each (file: problem), unless skip_bad, which drops and lists them.
+    With cache_dir, the result is stored under a key of the file list, sizes, mtimes and preprocessing
+    settings, so any change rebuilds it and nothing stale is used."""
+    path = os.path.join(cache_dir, f"{desc}-{_cache_key(files)}.npz") if cache_dir else None
+    if path and os.path.exists(path):
+        with np.load(path) as z:
+            cached = dict(x=z["x"], lo=z["lo"], hi=z["hi"], files=list(z["files"]), skipped=list(z["skipped"]))
+        if skip_bad or not cached["skipped"]:  # a strict run must still refuse the bad files it skipped before
+            return cached
+    workers = workers or min(len(files) // 64 + 1, os.cpu_count() or 1)
+    if workers > 1:
+        with mp.get_context("fork").Pool(workers) as pool:
+            out = list(tqdm(pool.imap(_load_or_error, files, chunksize=16), total=len(files), desc=desc))
+    else:
+        out = [_load_or_error(f) for f in tqdm(files, desc=desc)]
+    bad = [o for o in out if isinstance(o, str)]
+    if bad and not skip_bad:
+        raise DataError("\n".join(bad))
+    good = [(f, o) for f, o in zip(files, out) if not isinstance(o, str)]
+    if not good:
+        raise DataError(f"{os.path.dirname(files[0])}: no usable slices ({len(bad)} bad)")
+    res = dict(x=np.stack([o[0] for _, o in good]), lo=np.array([o[1] for _, o in good]),
+               hi=np.array([o[2] for _, o in good]), files=[f for f, _ in good], skipped=bad)
+    if path:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}.npz"
+        np.savez(tmp, **res)
+        os.replace(tmp, path)
+    return res
+
+
+def batches(n, batch_size, seed, epoch, rank=0, world=1, shuffle=True):
+    """Index batches for one epoch: a seeded permutation, this rank's shard; every rank gets the same count."""
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    per_rank = n // world if shuffle else -(-n // world)
+    mine = order[rank::world][:per_rank]
+    return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+def plot_samples(x, path, titles=None, ncols=4):
+    """A grid of slices (N, H, W), shown as axial images (transposed: left-right across)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    nrows = -(-len(x) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3 * ncols, 1.7 * nrows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < len(x):
+            ax.imshow(np.asarray(x[i]).T, cmap="gray", vmin=0, vmax=1)
+            if titles:
+                ax.set_title(titles[i], fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,310 @@
+"""The VQ-VAE (van den Oord et al. 2017): Encoder -> VectorQuantizer -> Decoder, and the prior over its codes.
+
+A 256x128 slice becomes a 64x32 grid of indices into a codebook of n_embeddings vectors of size embedding_dim.
+CodePrior models that grid autoregressively in raster order, p(c) = prod_t p(c_t | c_<t), so that sampled
+grids decode to new slices. Its loss is in nats per code; divided by ln 2 it is bits per code.
+"""
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class ResidualLayer(nn.Module):
+    def __init__(self, n_hiddens, n_residual_hiddens):
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.ReLU(), nn.Conv2d(n_hiddens, n_residual_hiddens, 3, padding=1),
+            nn.ReLU(), nn.Conv2d(n_residual_hiddens, n_hiddens, 1))
+
+    def forward(self, x):
+        return x + self.block(x)
+
+
+class ResidualStack(nn.Module):
+    """n_residual_layers layers, each with its own weights (the template shared one layer object n times)."""
+
+    def __init__(self, n_hiddens, n_residual_hiddens, n_residual_layers):
+        super().__init__()
+        self.layers = nn.Sequential(*[ResidualLayer(n_hiddens, n_residual_hiddens) for _ in range(n_residual_layers)])
+
+    def forward(self, x):
+        return F.relu(self.layers(x))
+
+
+class Encoder(nn.Module):
+    """(N, 1, H, W) -> (N, embedding_dim, H/4, W/4): two stride-2 convolutions, then residual layers."""
+
+    def __init__(self, n_hiddens, n_residual_hiddens, n_residual_layers, embedding_dim):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, n_hiddens // 2, 4, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(n_hiddens // 2, n_hiddens, 4, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(n_hiddens, n_hiddens, 3, padding=1),
+            ResidualStack(n_hiddens, n_residual_hiddens, n_residual_layers),
+            nn.Conv2d(n_hiddens, embedding_dim, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Decoder(nn.Module):
+    """(N, embedding_dim, H/4, W/4) -> (N, 1, H, W), the mirror of the encoder."""
+
+    def __init__(self, n_hiddens, n_residual_hiddens, n_residual_layers, embedding_dim):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(embedding_dim, n_hiddens, 3, padding=1),
+            ResidualStack(n_hiddens, n_residual_hiddens, n_residual_layers),
+            nn.ConvTranspose2d(n_hiddens, n_hiddens // 2, 4, stride=2, padding=1), nn.ReLU(),
+            nn.ConvTranspose2d(n_hiddens // 2, 1, 4, stride=2, padding=1))
+
+    def forward(self, z):
+        return self.net(z)
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-codebook quantiser with an exponential-moving-average codebook and dead-code restarts.
+
+    Loss: beta * ||z - sg(e)||^2 (the commitment term; the codebook itself learns by EMA, not by gradient).
+    Straight-through gradient: the decoder's gradient passes to z unchanged. Distances are computed in fp32.
+    A code whose EMA count falls below `dead_threshold` assignments per step is moved onto a random encoder
+    output of the current batch; all codes start dead, so the first batch initialises the codebook from data.
+    Under torch.distributed, counts and sums are all-reduced and restart candidates come from rank 0, so every
+    rank holds the same codebook.
+    """
+
+    def __init__(self, n_embeddings, embedding_dim, beta=0.25, decay=0.99, dead_threshold=1.0, eps=1e-5):
+        super().__init__()
+        self.n_embeddings, self.embedding_dim = n_embeddings, embedding_dim
+        self.beta, self.decay, self.dead_threshold, self.eps = beta, decay, dead_threshold, eps
+        self.register_buffer("embedding", torch.zeros(n_embeddings, embedding_dim))
+        self.register_buffer("cluster_size", torch.zeros(n_embeddings))
+        self.register_buffer("embed_sum", torch.zeros(n_embeddings, embedding_dim))
+
+    def nearest(self, flat):
+        """Index of the nearest code for each row of flat (M, D), in fp32."""
+        e = self.embedding
+        d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ e.t() + e.pow(2).sum(1)
+        return d.argmin(1)
+
+    @torch.no_grad()
+    def ema_update(self, flat, idx):
+        counts = torch.bincount(idx, minlength=self.n_embeddings).float()
+        sums = torch.zeros_like(self.embed_sum).index_add_(0, idx, flat)
+        candidates = flat[torch.randint(0, flat.shape[0], (self.n_embeddings,), device=flat.device)]
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(counts)
+            dist.all_reduce(sums)
+            dist.broadcast(candidates, 0)
+        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        n = self.cluster_size.sum()
+        smoothed = (self.cluster_size + self.eps) / (n + self.n_embeddings * self.eps) * n  # Laplace smoothing
+        self.embedding.copy_(self.embed_sum / smoothed[:, None])
+        # restart dead codes without a host sync: torch.where instead of `if dead.any()`
+        dead = self.cluster_size < self.dead_threshold
+        self.embedding.copy_(torch.where(dead[:, None], candidates, self.embedding))
+        self.embed_sum.copy_(torch.where(dead[:, None], candidates * self.dead_threshold, self.embed_sum))
+        self.cluster_size.copy_(torch.where(dead, torch.full_like(self.cluster_size, self.dead_threshold),
+                                            self.cluster_size))
+
+    def forward(self, z):
+        """z (N, D, h, w) -> (z_q with straight-through gradient, commitment loss, indices (N, h, w))."""
+        n, d, h, w = z.shape
+        with torch.autocast(z.device.type, enabled=False):
+            z = z.float()
+            flat = z.permute(0, 2, 3, 1).reshape(-1, d)
+            idx = self.nearest(flat)
+            if self.training:
+                self.ema_update(flat.detach(), idx)
+            zq = self.embedding[idx].view(n, h, w, d).permute(0, 3, 1, 2)
+            loss = self.beta * F.mse_loss(z, zq.detach())
+            zq = z + (zq - z).detach()
+        return zq, loss, idx.view(n, h, w)
+
+    def lookup(self, idx):
+        """Code indices (N, h, w) -> code vectors (N, D, h, w)."""
+        return self.embedding[idx].permute(0, 3, 1, 2)
+
+
+class VQVAE(nn.Module):
+    def __init__(self, n_hiddens=128, n_residual_hiddens=32, n_residual_layers=2, embedding_dim=64,
+                 n_embeddings=512, beta=0.25, ema_decay=0.99):
+        super().__init__()
+        self.encoder = Encoder(n_hiddens, n_residual_hiddens, n_residual_layers, embedding_dim)
+        self.quantizer = VectorQuantizer(n_embeddings, embedding_dim, beta, ema_decay)
+        self.decoder = Decoder(n_hiddens, n_residual_hiddens, n_residual_layers, embedding_dim)
+
+    def forward(self, x):
+        """x (N, 1, H, W) in [0, 1] -> (reconstruction, commitment loss, code indices (N, H/4, W/4))."""
+        zq, loss, idx = self.quantizer(self.encoder(x))
+        return self.decoder(zq), loss, idx
+
+    @torch.no_grad()
+    def encode(self, x):
+        return self.quantizer(self.encoder(x))[2]
+
+    @torch.no_grad()
+    def decode(self, idx):
+        return self.decoder(self.quantizer.lookup(idx))
+
+
+# ---- the prior over code grids ----------------------------------------------------------------------------------
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d_model, n_heads, dropout):
+        super().__init__()
+        assert d_model % n_heads == 0, "d_model must be divisible by n_heads"
+        self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.dropout = dropout
+
+    def _heads(self, x):
+        b, t, _ = x.shape
+        return x.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+
+    def forward(self, x, cache=None, pos=0):
+        """Full causal pass if cache is None; otherwise x holds the new token(s) at
+        positions pos.. and their keys/values are written into cache = [k_buf, v_buf]."""
+        b, t, d = x.shape
+        q, k, v = (self._heads(z) for z in self.qkv(x).split(d, dim=2))
+        if cache is None:
+            p = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:
+            k_buf, v_buf = cache
+            k_buf[:, :, pos:pos + t] = k
+            v_buf[:, :, pos:pos + t] = v
+            k, v = k_buf[:, :, :pos + t], v_buf[:, :, :pos + t]
+            # Within the new chunk we still need a causal mask; the cached prefix is
+            # fully visible. With t == 1 (the sampling case) no mask is needed at all.
+            mask = None
+            if t > 1:
+                mask = torch.ones(t, pos + t, dtype=torch.bool, device=x.device).tril(pos)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(b, t, d)
+        return self.proj(y)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, d_model, n_heads, dropout):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model)
+        self.attn = CausalSelfAttention(d_model, n_heads, dropout)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, 4 * d_model), nn.GELU(),
+            nn.Linear(4 * d_model, d_model), nn.Dropout(dropout))
+        self.resid_drop = nn.Dropout(dropout)
+
+    def forward(self, x, cache=None, pos=0):
+        x = x + self.resid_drop(self.attn(self.ln1(x), cache, pos))
+        return x + self.mlp(self.ln2(x))
+
+
+class CodePrior(nn.Module):
+    """Autoregressive transformer over a (h, w) grid of code indices in raster order, with a start token."""
+
+    def __init__(self, n_codes, grid=(64, 32), d_model=256, n_layers=6, n_heads=8, dropout=0.0):
+        super().__init__()
+        self.n_codes = n_codes
+        self.grid = tuple(grid)
+        self.seq_len = grid[0] * grid[1]
+        self.start_token = n_codes  # extra embedding row; never predicted
+        self.tok_emb = nn.Embedding(n_codes + 1, d_model)
+        self.pos_emb = nn.Embedding(self.seq_len, d_model)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, dropout) for _ in range(n_layers))
+        self.ln_f = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, n_codes)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        # Small GPT-style init keeps initial logits near uniform (loss ~ ln n_codes).
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def _run(self, tokens, caches=None, pos=0):
+        """tokens (B, T) holding positions pos..pos+T-1 (start token at 0) -> logits (B, T, n_codes)."""
+        positions = torch.arange(pos, pos + tokens.shape[1], device=tokens.device)
+        x = self.drop(self.tok_emb(tokens) + self.pos_emb(positions))
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if caches is None else caches[i], pos)
+        return self.head(self.ln_f(x))
+
+    def _with_start(self, idx):
+        start = torch.full_like(idx[:, :1], self.start_token)
+        return torch.cat([start, idx[:, :-1]], dim=1)  # shift right: output t sees idx[:, :t]
+
+    def logits(self, idx):
+        """idx (B, L <= h*w) codes -> (B, L, n_codes); position t predicts idx[:, t] from idx[:, :t]."""
+        assert idx.shape[1] <= self.seq_len, "sequence longer than the grid"
+        return self._run(self._with_start(idx))
+
+    def forward(self, codes):
+        """codes (B, h, w) -> mean cross-entropy in nats per code (the training loss; DDP wraps this)."""
+        idx = codes.reshape(codes.shape[0], -1)
+        return F.cross_entropy(self.logits(idx).reshape(-1, self.n_codes).float(), idx.reshape(-1))
+
+    def _new_caches(self, n, device, dtype):
+        caches = []
+        for block in self.blocks:
+            a = block.attn
+            shape = (n, a.n_heads, self.seq_len, a.head_dim)
+            caches.append([torch.zeros(shape, device=device, dtype=dtype),
+                           torch.zeros(shape, device=device, dtype=dtype)])
+        return caches
+
+    def _draw(self, logits, temperature, top_k, generator):
+        logits = logits / temperature
+        if top_k:
+            kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        return torch.multinomial(probs, 1, generator=generator)  # (n, 1)
+
+    @torch.no_grad()
+    def sample(self, n, temperature=1.0, top_k=0, generator=None, use_cache=True, device=None):
+        """Draw n grids -> (n, h, w) long. Both paths consume identical random draws
+        (one multinomial on (n, n_codes) probabilities per position), so they agree
+        for the same generator state up to float rounding of the logits."""
+        device = device if device is not None else next(self.parameters()).device
+        tokens = torch.full((n, 1), self.start_token, dtype=torch.long, device=device)
+        caches = None
+        if use_cache:
+            # Buffer dtype follows the attention projections' output (e.g. bf16 under autocast).
+            probe = self.blocks[0].attn.qkv(self.tok_emb(tokens[:, :1]))
+            caches = self._new_caches(n, device, probe.dtype)
+        for t in range(self.seq_len):
+            if use_cache:
+                logits = self._run(tokens[:, t:t + 1], caches, pos=t)[:, -1]
+            else:
+                logits = self._run(tokens)[:, -1]  # recompute the whole prefix
+            tokens = torch.cat([tokens, self._draw(logits, temperature, top_k, generator)], dim=1)
+        return tokens[:, 1:].reshape(n, *self.grid)
+
+
+def unigram_bits(codes, n_codes):
+    """Entropy (bits per code) of the empirical unigram distribution of codes (N, h, w): the baseline a prior
+    (whose loss / ln 2 is its bits per code) must beat."""
+    counts = torch.bincount(codes.reshape(-1), minlength=n_codes).double()
+    p = counts / counts.sum()
+    p = p[p > 0]
+    return float(-(p * torch.log2(p)).sum())
+
+
+
+def load_model(path, device="cpu"):
+    """A self-describing checkpoint (VQ-VAE or prior) -> (model in eval mode, the checkpoint dict)."""
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    model = {"vqvae": VQVAE, "prior": CodePrior}[ckpt.get("kind", "vqvae")](**ckpt["model_args"]).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt

@@ -1,0 +1,100 @@
+"""Cluster behaviour on the CPU: torchrun with gloo, SIGKILL then resume, determinism, a NaN stop."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+from conftest import ROOT, TINY, make_study
+from test_scripts import run
+
+
+def epochs(out):
+    return [int(r["epoch"]) for r in csv.DictReader(open(out / "metrics.csv"))]
+
+
+def test_torchrun_two_processes_agree_and_write_once(tmp_path):
+    root = make_study(tmp_path / "d", per_case=4)
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(ROOT, "train.py"), f"--data_dir={root}", f"--out_dir={out}", "--n_epochs=2",
+                        "--device=cpu", *TINY], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = [l for l in r.stdout.splitlines() if l.startswith("state fingerprints")]
+    assert len(line) == 1 and "identical on all 2 ranks" in line[0], r.stdout
+    assert r.stdout.count("test: ssim=") == 1 and epochs(out) == [0, 1]
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".pt") == ["best_model.pt", "last.pt"]
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]
+
+
+def test_sigkill_mid_epoch_then_resume(tmp_path):
+    root = make_study(tmp_path / "d", per_case=6)
+    out = tmp_path / "run"
+    args = [sys.executable, os.path.join(ROOT, "train.py"), f"--data_dir={root}", f"--out_dir={out}",
+            "--n_epochs=4", *TINY, "--batch_size=2"]
+    p = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "metrics.csv").exists() or len(epochs(out)) < 1:
+        assert time.time() < deadline and p.poll() is None
+        time.sleep(0.05)
+    time.sleep(0.3)  # into the next epoch
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    done = len(epochs(out))
+    assert done < 4
+    r = subprocess.run(args + ["--resume=True"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resuming {out} at epoch {done} step 0" in r.stdout  # at most the killed epoch is repeated
+    assert epochs(out) == [0, 1, 2, 3]
+    ckpt = torch.load(out / "best_model.pt", weights_only=True)
+    assert ckpt["epoch"] in range(4) and (out / "test_metrics.json").exists()
+
+
+def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path):
+    root = make_study(tmp_path / "d", per_case=6)
+    base = [f"--data_dir={root}", "--n_epochs=2", *TINY, "--batch_size=2"]
+    r = run("train.py", *base, f"--out_dir={tmp_path / 'full'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "cut"
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *base, f"--out_dir={out}"], cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "metrics.csv").exists():
+        assert time.time() < deadline and p.poll() is None
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    stdout, _ = p.communicate(timeout=300)
+    assert p.returncode == 0 and "SIGTERM: saved" in stdout
+    r = run("train.py", *base, f"--out_dir={out}", "--resume=True", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    strip = lambda d: [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(open(d / "metrics.csv"))]
+    assert strip(out) == strip(tmp_path / "full")  # resumed exactly where it stopped
+    assert json.load(open(out / "test_metrics.json"))["ssim"] == json.load(open(tmp_path / "full" / "test_metrics.json"))["ssim"]
+
+
+def test_same_seed_same_metrics(tmp_path):
+    root = make_study(tmp_path / "d", per_case=3)
+    rows = []
+    for name in ("a", "b"):
+        r = run("train.py", f"--data_dir={root}", f"--out_dir={tmp_path / name}", "--n_epochs=2", *TINY, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        rows.append([{k: v for k, v in row.items() if k != "seconds"}
+                     for row in csv.DictReader(open(tmp_path / name / "metrics.csv"))])
+    assert rows[0] == rows[1] and len(rows[0]) == 2
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    root = make_study(tmp_path / "d", per_case=3)
+    out = tmp_path / "run"
+    r = run("train.py", f"--data_dir={root}", f"--out_dir={out}", "--n_epochs=1", *TINY, cwd=tmp_path)
+    assert r.returncode == 0
+    before = (out / "best_model.pt").read_bytes()
+    # an absurd learning rate without clipping diverges to Inf/NaN within the next epoch
+    r = run("train.py", f"--data_dir={root}", f"--out_dir={out}", "--n_epochs=3", "--resume=True",
+            "--learning_rate=1e30", "--grad_clip=0.0", *TINY, cwd=tmp_path)
+    assert r.returncode != 0 and "training loss became" in r.stdout + r.stderr, r.stdout + r.stderr
+    assert (out / "best_model.pt").read_bytes() == before and epochs(out) == [0]

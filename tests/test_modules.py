@@ -1,0 +1,107 @@
+import numpy as np
+import torch
+import torch.nn.functional as F
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from modules import VQVAE, VectorQuantizer, load_model
+from utils import atomic_torch_save, psnr_torch, score, ssim_torch
+
+
+def test_model_shapes_and_grid():
+    m = VQVAE(n_hiddens=16, n_residual_hiddens=8, n_residual_layers=2, embedding_dim=8, n_embeddings=32)
+    x = torch.rand(2, 1, 256, 128)
+    xh, loss, idx = m(x)
+    assert xh.shape == x.shape and idx.shape == (2, 64, 32) and loss.ndim == 0
+    assert m.decode(m.eval().encode(x)).shape == x.shape
+
+
+def test_residual_layers_have_their_own_weights():
+    m = VQVAE(n_residual_layers=3)
+    layers = m.encoder.net[5].layers
+    assert len({id(l.block[1].weight) for l in layers}) == 3
+
+
+def test_straight_through_gradient_and_commitment_term():
+    q = VectorQuantizer(16, 4, beta=0.25)
+    q.train()
+    z0 = torch.randn(2, 4, 3, 3)
+    q(z0)  # first call initialises the codebook from data
+    q.eval()
+    z = torch.randn(2, 4, 3, 3, requires_grad=True)
+    zq, loss, idx = q(z)
+    e = q.embedding[idx].permute(0, 3, 1, 2)
+    assert torch.allclose(zq, e) and torch.allclose(loss, 0.25 * F.mse_loss(z, e))
+    g = torch.randn_like(zq)
+    (zq * g).sum().backward()
+    assert torch.allclose(z.grad, g)  # straight-through: the decoder's gradient reaches z unchanged
+    z.grad = None
+    loss.backward()
+    assert torch.allclose(z.grad, 0.25 * 2 * (z - e).detach() / z.numel())  # beta weights the commitment term
+
+
+def test_nearest_code_and_ema_update():
+    q = VectorQuantizer(2, 2, decay=0.5, dead_threshold=0.0)
+    q.embedding.copy_(torch.tensor([[0.0, 0.0], [10.0, 10.0]]))
+    q.cluster_size.fill_(1.0)
+    q.embed_sum.copy_(q.embedding)
+    z = torch.tensor([[1.0, 1.0], [9.0, 9.0], [11.0, 11.0]]).view(1, 3, 1, 2).permute(0, 3, 1, 2)
+    q.train()
+    _, _, idx = q(z)
+    assert idx.flatten().tolist() == [0, 1, 1]
+    # cluster_size = 0.5*1 + 0.5*count, embed_sum = 0.5*old + 0.5*sum
+    assert torch.allclose(q.cluster_size, torch.tensor([1.0, 1.5]))
+    n = 2.5
+    smoothed = (q.cluster_size + q.eps) / (n + 2 * q.eps) * n
+    expect = torch.tensor([[0.5, 0.5], [15.0, 15.0]]) / smoothed[:, None]
+    assert torch.allclose(q.embedding, expect, atol=1e-4)
+
+
+def test_dead_code_is_revived_on_data():
+    torch.manual_seed(0)
+    q = VectorQuantizer(8, 2, decay=0.9, dead_threshold=1.0)
+    z = torch.randn(4, 2, 8, 8) + 100.0  # data far from zero
+    q.train()
+    q(z)
+    assert torch.all(q.embedding.abs() > 50)  # all codes start dead, so they are placed on data
+    q.embedding[3] = -1000.0  # a code nobody will choose
+    q.embed_sum[3] = -1000.0 * q.cluster_size[3]
+    for _ in range(60):
+        q(z)
+    assert q.embedding[3].min() > 50 and q.cluster_size.min() >= 1.0
+
+
+def test_quantizer_distances_stay_fp32_under_autocast():
+    q = VectorQuantizer(16, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        zq, loss, _ = q.train()(torch.randn(2, 4, 3, 3).bfloat16())
+    assert zq.dtype == torch.float32 and q.embedding.dtype == torch.float32
+
+
+def test_ssim_torch_matches_scikit_image():
+    rng = np.random.default_rng(0)
+    x = rng.random((5, 40, 33))
+    y = np.clip(x + rng.normal(0, 0.1, x.shape), 0, 1)
+    y[0] = rng.random((40, 33))
+    t = ssim_torch(torch.tensor(x)[:, None], torch.tensor(y)[:, None]).double().numpy()
+    ref = [structural_similarity(a, b, data_range=1.0) for a, b in zip(x, y)]
+    assert np.abs(t - ref).max() < 1e-4
+    p = psnr_torch(torch.tensor(x)[:, None], torch.tensor(y)[:, None])
+    assert np.allclose(p.numpy(), [peak_signal_noise_ratio(a, b, data_range=1.0) for a, b in zip(x, y)], atol=1e-3)
+
+
+def test_score_uses_ground_truth_range():
+    gt = np.linspace(100, 500, 64 * 64).reshape(64, 64)
+    assert score(gt, gt)[0] == 1.0
+    assert score(gt, gt * 3)[0] < 0.9  # out of range values are clipped, not rescaled
+
+
+def test_checkpoint_round_trip(tmp_path):
+    args = dict(n_hiddens=16, n_residual_hiddens=8, n_residual_layers=1, embedding_dim=8, n_embeddings=32,
+                beta=0.25, ema_decay=0.99)
+    m = VQVAE(**args)
+    m.train()(torch.rand(2, 1, 256, 128))  # gives the codebook buffers values
+    atomic_torch_save(dict(model=m.state_dict(), model_args=args, config={}, epoch=3), tmp_path / "c.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+    m2, ck = load_model(tmp_path / "c.pt")
+    x = torch.rand(1, 1, 256, 128)
+    assert ck["epoch"] == 3 and torch.equal(m.eval()(x)[0], m2(x)[0])

@@ -1,0 +1,197 @@
+"""NIfTI reading, the metrics we report, and small helpers shared by the scripts.
+
+The metric (see README): each ground-truth slice is scaled to [0, 1] by its own min and max; the reconstruction,
+in the same intensity units, is scaled by that same min and max and clipped to [0, 1]; SSIM is scikit-image's
+`structural_similarity` with its defaults (7x7 uniform window, K1=0.01, K2=0.03, sample covariance) and
+data_range=1; PSNR uses data_range=1. `ssim_torch` is a batched twin of the scikit-image SSIM, checked in tests.
+"""
+import ast
+import glob
+import gzip
+import os
+import sys
+import zlib
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+
+class DataError(ValueError):
+    """A bad input file or folder; the message is one line that names it and the problem."""
+
+
+def read_nifti(path):
+    """Read one 2D slice stored as (H, W) or (H, W, 1) -> float64 (H, W). Raises DataError on bad input."""
+    path = str(path)
+    try:
+        img = nib.load(path)
+        a = np.asarray(img.dataobj, dtype=np.float64)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (gzip.BadGzipFile, zlib.error, EOFError) as e:
+        raise DataError(f"{path}: corrupt gzip ({e})") from None
+    except Exception as e:  # nibabel raises several types for non-NIfTI content
+        raise DataError(f"{path}: not a readable NIfTI file ({type(e).__name__}: {e})") from None
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if a.ndim != 2:
+        raise DataError(f"{path}: expected a 2D slice (H, W) or (H, W, 1), got shape {a.shape}")
+    if not np.isfinite(a).all():
+        raise DataError(f"{path}: contains {np.count_nonzero(~np.isfinite(a))} NaN or Inf values")
+    if a.max() == a.min():
+        raise DataError(f"{path}: constant slice (every value is {a.min():g}), cannot be normalised")
+    return a
+
+
+def score(gt, rec):
+    """Reference metric for one slice in intensity units: (ssim, psnr) with scikit-image, as defined above."""
+    lo, hi = float(gt.min()), float(gt.max())
+    g = (gt - lo) / max(hi - lo, 1e-8)
+    r = np.clip((rec - lo) / max(hi - lo, 1e-8), 0.0, 1.0)
+    return structural_similarity(g, r, data_range=1.0), peak_signal_noise_ratio(g, r, data_range=1.0)
+
+
+def ssim_torch(x, y, win=7, k1=0.01, k2=0.03):
+    """Per-image SSIM of (N, 1, H, W) tensors in [0, 1], matching scikit-image's defaults with data_range=1.
+
+    scikit-image filters with a uniform window, uses the sample covariance (N/(N-1)), and averages the SSIM map
+    over the image cropped by win//2 on each side: exactly the 'valid' region of a win x win average pool."""
+    x, y = x.float(), y.float()
+    mean = lambda t: F.avg_pool2d(t, win, stride=1)
+    cov_norm = win * win / (win * win - 1)
+    ux, uy = mean(x), mean(y)
+    vx = cov_norm * (mean(x * x) - ux * ux)
+    vy = cov_norm * (mean(y * y) - uy * uy)
+    vxy = cov_norm * (mean(x * y) - ux * uy)
+    c1, c2 = k1 ** 2, k2 ** 2
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+    return s.mean(dim=(1, 2, 3))
+
+
+def psnr_torch(x, y):
+    """Per-image PSNR in dB of (N, 1, H, W) tensors in [0, 1], data_range=1."""
+    mse = (x.float() - y.float()).pow(2).mean(dim=(1, 2, 3))
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-12))
+
+
+def atomic_torch_save(obj, path):
+    """Write to a temp file beside `path`, then rename: a crash never leaves a half-written checkpoint."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def apply_overrides(config, argv, bare_true=(), types=None):
+    """nanoGPT-style configurator: each `--name=value` in argv overrides config[name], keeping its type.
+
+    `value` is parsed as a Python literal, falling back to a plain string; a name in `bare_true` may be given
+    without a value (means True). `types` gives the accepted types of a name whose default does not say them
+    (a None default, or one that takes a bool or a path).
+    Unknown names and wrongly typed values exit with a one-line error."""
+    types = types or {}
+    for arg in argv:
+        if not arg.startswith("--"):
+            sys.exit(f"error: unexpected argument {arg!r}; use --name=value")
+        name, eq, text = arg[2:].partition("=")
+        if name not in config:
+            sys.exit(f"error: unknown option --{name}; known: {', '.join(sorted(config))}")
+        if not eq:
+            if name not in bare_true:
+                sys.exit(f"error: --{name} needs a value, as --{name}=VALUE")
+            text = "True"
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        old = config[name]
+        if name in types:
+            if float in types[name] and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            ok = value is None or isinstance(value, types[name])
+        elif isinstance(old, bool) or isinstance(value, bool):
+            ok = isinstance(value, bool) and (old is None or isinstance(old, bool))
+        elif isinstance(old, float) and isinstance(value, int):
+            value, ok = float(value), True
+        elif value is None or old is None:
+            ok = True
+        else:
+            ok = isinstance(value, type(old))
+        if not ok:
+            want = "/".join(t.__name__ for t in types[name]) if name in types else type(old).__name__
+            sys.exit(f"error: --{name}={text}: expected {want}, got {type(value).__name__}")
+        config[name] = value
+    return config
+
+
+@torch.no_grad()
+def reconstruct(model, x, device, batch_size=64):
+    """x float32 (N, H, W) in [0, 1] (numpy) -> reconstructions (N, H, W) numpy, unclipped, and codes (N, h, w)."""
+    recs, codes, device = [], [], torch.device(device)
+    for i in range(0, len(x), batch_size):
+        xb = torch.as_tensor(x[i:i + batch_size], device=device)[:, None]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            xh, _, idx = model(xb)
+        recs.append(xh.float()[:, 0].cpu().numpy())
+        codes.append(idx.cpu().numpy())
+    return np.concatenate(recs), np.concatenate(codes)
+
+
+def score_split(x, rec, lo, hi):
+    """Per-slice (ssim, psnr) with the reference metric, both arrays brought back to intensity units."""
+    return np.array([score(x[i].astype(np.float64) * (hi[i] - lo[i]) + lo[i],
+                           rec[i].astype(np.float64) * (hi[i] - lo[i]) + lo[i]) for i in range(len(x))])
+
+
+def plot_reconstructions(x, rec, path, title=""):
+    """Rows: originals, reconstructions, absolute error; x, rec (N, H, W) in [0, 1], shown as axial images."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n = len(x)
+    fig, axes = plt.subplots(3, n, figsize=(2.6 * n, 4.6), squeeze=False)
+    for i in range(n):
+        err = np.abs(np.clip(rec[i], 0, 1) - x[i])
+        s, _ = score(x[i].astype(np.float64), rec[i].astype(np.float64))
+        for row, (img, vmax) in enumerate(((x[i], 1), (np.clip(rec[i], 0, 1), 1), (err, 0.2))):
+            axes[row, i].imshow(img.T, cmap="gray" if row < 2 else "inferno", vmin=0, vmax=vmax)
+            axes[row, i].axis("off")
+        axes[1, i].set_title(f"SSIM {s:.3f}", fontsize=8)
+    for row, name in enumerate(("original", "reconstruction", "|error| (0-0.2)")):
+        axes[row, 0].text(-0.05, 0.5, name, transform=axes[row, 0].transAxes, rotation=90,
+                          va="center", ha="right", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def newest(pattern):
+    """The most recently modified path matching a glob pattern, or None."""
+    found = sorted(glob.glob(pattern), key=os.path.getmtime)
+    return found[-1] if found else None
+
+
+def plot_curves(rows, out):
+    """loss.png from train_loss, and one figure per validation metric that the rows carry."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ep = [r["epoch"] for r in rows]
+    for name, key, label in (("loss.png", "train_loss", "training loss"), ("ssim.png", "val_ssim", "validation SSIM"),
+                             ("bits.png", "val_bits_per_code", "validation bits per code")):
+        if key not in rows[0]:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(ep, [r[key] for r in rows], marker="o", ms=3, label=label)
+        if key == "val_bits_per_code":
+            ax.plot(ep, [r["unigram_bits_per_code"] for r in rows], ls="--", label="unigram baseline (train codes)")
+            ax.legend()
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, name), dpi=100)
+        plt.close(fig)
