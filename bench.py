@@ -96,7 +96,7 @@ def main():
             rows.append(("fraction of dense bf16 peak", f"{train_ips * flops / p:.1%}"))
     else:
         import resource
-        rows.append(("peak host memory (RSS)", f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"))
+        rows.append(("peak host memory (RSS, model steps)", f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"))
     if config["prep"]:
         root = os.path.join(dataset.REPO, "data", "study")
         dataset.ensure_demo(root, STUDY_SIZES)

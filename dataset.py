@@ -115,12 +115,12 @@ def prepare(files, cache_dir=None, skip_bad=False, desc="prepare", workers=None)
     Bad files raise one DataError listing each (file: problem), unless skip_bad, which drops and lists them.
     With cache_dir, the result is stored under a key of the file list, sizes, mtimes and preprocessing
     settings, so any change rebuilds it and nothing stale is used."""
-    path = os.path.join(cache_dir, f"{desc}-{_cache_key(files)}.npz") if cache_dir else None
-    if path and os.path.exists(path):
-        with np.load(path) as z:
-            cached = dict(x=z["x"], lo=z["lo"], hi=z["hi"], files=list(z["files"]), skipped=list(z["skipped"]))
+    path = os.path.join(cache_dir, f"{desc}-{_cache_key(files)}") if cache_dir else None
+    if path and os.path.exists(path + ".json"):
+        with open(path + ".json") as f:
+            cached = json.load(f)
         if skip_bad or not cached["skipped"]:  # a strict run must still refuse the bad files it skipped before
-            return cached
+            return dict(x=np.load(path + ".npy"), **{k: np.array(v) if k in ("lo", "hi") else v for k, v in cached.items()})
     workers = workers or min(len(files) // 64 + 1, os.cpu_count() or 1)
     if workers > 1:
         with mp.get_context("fork").Pool(workers) as pool:
@@ -135,11 +135,13 @@ def prepare(files, cache_dir=None, skip_bad=False, desc="prepare", workers=None)
         raise DataError(f"{os.path.dirname(files[0])}: no usable slices ({len(bad)} bad)")
     res = dict(x=np.stack([o[0] for _, o in good]), lo=np.array([o[1] for _, o in good]),
                hi=np.array([o[2] for _, o in good]), files=[f for f, _ in good], skipped=bad)
-    if path:
+    if path:  # the .json is written last, so an interrupted write is never taken for a cache
         os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}.npz"
-        np.savez(tmp, **res)
-        os.replace(tmp, path)
+        np.save(f"{path}.tmp{os.getpid()}.npy", res["x"])
+        os.replace(f"{path}.tmp{os.getpid()}.npy", path + ".npy")
+        with open(f"{path}.tmp{os.getpid()}", "w") as f:
+            json.dump({k: v.tolist() if k in ("lo", "hi") else v for k, v in res.items() if k != "x"}, f)
+        os.replace(f"{path}.tmp{os.getpid()}", path + ".json")
     return res
 
 

@@ -20,7 +20,7 @@ from skimage.transform import resize
 import dataset
 from modules import load_model
 from utils import (DataError, apply_overrides, newest, plot_reconstructions, reconstruct, score_split,
-                   ssim_torch)
+                   ssim_from_stats, ssim_stats)
 
 # ----------------------------------------------------------------------------------------------------------------
 checkpoint = None      # None = the newest runs/*/best_model.pt
@@ -126,10 +126,13 @@ def reconstruct_split(dev):
 
 @torch.no_grad()
 def nearest_ssim(queries, pool, chunk=256):
-    """For each query (N, 1, H, W) in [0, 1]: the SSIM to, and index of, its most similar slice in pool (M, 1, H, W)."""
+    """For each query (N, 1, H, W) in [0, 1]: the SSIM to, and index of, its most similar slice in pool (M, 1, H, W).
+    The pool's local statistics are computed once; each pair then costs one pooled product."""
+    pool_stats = [ssim_stats(c) for c in pool.split(chunk)]
     best, where = [], []
     for q in queries:
-        s = torch.cat([ssim_torch(q[None].expand(len(c), -1, -1, -1), c) for c in pool.split(chunk)])
+        qs = ssim_stats(q[None])
+        s = torch.cat([ssim_from_stats(qs, ps) for ps in pool_stats])
         best.append(float(s.max()))
         where.append(int(s.argmax()))
     return np.array(best), np.array(where)
