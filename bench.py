@@ -3,6 +3,7 @@
     python bench.py                                   # train.py's defaults, on cuda if present, else cpu
     python bench.py --n_hiddens=128 --batch_size=8 --device=cpu
     python bench.py --prep=True                       # also time data preparation on a study-sized phantom
+    python bench.py --sample_n=0                      # skip timing the prior's sampling
 
 Training, inference and validation-metric throughput use random 256x128 slices on the device; preparation
 timing writes the phantom once to data/study (11,460 + 660 + 540 slices) and times a cold and a cached load.
@@ -17,11 +18,11 @@ import torch.nn.functional as F
 
 import dataset
 import train
-from modules import VQVAE
+from modules import VQVAE, CodePrior
 from utils import apply_overrides, psnr_torch, ssim_torch
 
 config = {k: getattr(train, k) for k in train.config_keys}
-config.update(steps=20, warmup=3, prep=False, eval_batch_size=64)
+config.update(steps=20, warmup=3, prep=False, eval_batch_size=64, sample_n=8)
 apply_overrides(config, sys.argv[1:], types=train.TYPES)
 dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config["device"] == "auto" else config["device"])
 cuda = dev.type == "cuda"
@@ -97,6 +98,16 @@ def main():
     else:
         import resource
         rows.append(("peak host memory (RSS, model steps)", f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"))
+    if config["sample_n"]:  # the prior with train.py's prior_* settings: code grid sampled with KV cache, decoded
+        prior = CodePrior(config["n_embeddings"], (dataset.H // 4, dataset.W // 4), config["prior_d_model"],
+                          config["prior_n_layers"], config["prior_n_heads"]).to(dev).eval()
+        t0 = time.perf_counter()
+        with autocast:
+            model.decode(prior.sample(config["sample_n"], generator=torch.Generator(device=dev).manual_seed(0)))
+        if cuda:
+            torch.cuda.synchronize()
+        rows.append((f"prior sampling, batch of {config['sample_n']} (d_model {config['prior_d_model']}, "
+                     f"{config['prior_n_layers']} layers)", f"{(time.perf_counter() - t0) / config['sample_n']:.2f} s/slice"))
     if config["prep"]:
         root = os.path.join(dataset.REPO, "data", "study")
         dataset.ensure_demo(root, STUDY_SIZES)

@@ -107,7 +107,9 @@ class Run:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         self.autocast = torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=amp and self.dev.type == "cuda")
         if resume:
-            self.out = resume if isinstance(resume, str) else out_dir or os.path.dirname(newest("runs/*/last.pt"))
+            self.out = resume if isinstance(resume, str) else out_dir or os.path.dirname(newest("runs/*/last.pt") or "")
+            if not self.out:
+                sys.exit("error: --resume=True: no runs/*/last.pt to resume; give --out_dir or --resume=RUN_FOLDER")
         else:
             self.out = out_dir or os.path.join("runs", self.broadcast(time.strftime("%Y%m%d-%H%M%S")))
         self.state = None
