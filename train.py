@@ -75,6 +75,7 @@ eval_batch_size = 64
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))]
 TYPES = {k: (str,) for k in ("data_dir", "train_dir", "validate_dir", "test_dir", "cache_dir", "out_dir", "vqvae_checkpoint")}
 TYPES.update(time_limit_minutes=(float,), resume=(bool, str))
+SYNC_EVERY = 16  # steps between stop-flag exchanges under DDP
 MODEL_KEYS = ("n_hiddens", "n_residual_hiddens", "n_residual_layers", "embedding_dim", "n_embeddings", "beta",
               "ema_decay")
 
@@ -195,6 +196,7 @@ def fit(run, model, x_train, x_val, train_loss, validate, lr, bs, epochs, on_bes
     stop = {"signal": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
     t_start = time.time() - elapsed
+    time_progress = elapsed / time_limit if time_limit else 0.0  # under DDP rank 0's, shared every SYNC_EVERY steps
 
     def save_last(epoch, step_in_epoch, accum):
         """Everything needed to continue exactly here; written atomically."""
@@ -214,15 +216,16 @@ def fit(run, model, x_train, x_val, train_loss, validate, lr, bs, epochs, on_bes
         if first:
             accum += state["accum"].to(dev)
         plan = dataset.batches(len(x_train), bs, seed, epoch, run.rank, run.world)
+        order = torch.as_tensor(np.concatenate(plan), device=dev)  # one host-to-device copy per epoch
+        bounds = np.cumsum([0] + [len(b) for b in plan]).tolist()
         for i in tqdm(range(first, len(plan)), desc=f"epoch {epoch}", leave=False, disable=not run.master):
-            progress = global_step / total_steps
-            if time_limit:
-                progress = max(progress, (time.time() - t_start) / time_limit)
-            step_lr = lr_at(global_step, progress, lr)
+            if time_limit and not run.ddp:
+                time_progress = (time.time() - t_start) / time_limit
+            step_lr = lr_at(global_step, max(global_step / total_steps, time_progress), lr)
             for g in optimizer.param_groups:
                 g["lr"] = step_lr
             with run.autocast:
-                loss, logged = train_loss(net, x_train[torch.as_tensor(plan[i], device=dev)])
+                loss, logged = train_loss(net, x_train[order[bounds[i]:bounds[i + 1]]])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip:
@@ -230,13 +233,18 @@ def fit(run, model, x_train, x_val, train_loss, validate, lr, bs, epochs, on_bes
             optimizer.step()
             accum += torch.stack([logged.detach().float(), torch.ones((), device=dev)])
             global_step += 1
-            # stop decisions come from rank 0, so every rank leaves the loop after the same step
+            # stop decisions and wall-time progress come from rank 0, so every rank uses the same learning rate
+            # and leaves the loop after the same step; under DDP they are shared every SYNC_EVERY steps, as
+            # reading them back is a host synchronisation
             flags = [time_limit is not None and time.time() - t_start >= time_limit, stop["signal"]]
             if run.ddp:
-                t = torch.tensor(flags, dtype=torch.float32, device=dev)
-                dist.broadcast(t, 0)
-                flags = [bool(f) for f in t.tolist()]
-            stop["signal"] = flags[1]
+                flags = [False, False]
+                if global_step % SYNC_EVERY == 0:
+                    elapsed_now = (time.time() - t_start) / time_limit if time_limit else 0.0
+                    t = torch.tensor([elapsed_now >= 1, stop["signal"], elapsed_now], dtype=torch.float64, device=dev)
+                    dist.broadcast(t, 0)
+                    crossed, signalled, time_progress = t.tolist()
+                    flags = [bool(crossed), bool(signalled)]
             if flags[1]:
                 reason = "signal"
                 break

@@ -21,12 +21,13 @@ def test_torchrun_two_processes_agree_and_write_once(tmp_path):
     root = make_study(tmp_path / "d", per_case=4)
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(ROOT, "train.py"), f"--data_dir={root}", f"--out_dir={out}", "--n_epochs=2",
-                        "--device=cpu", *TINY], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+                        os.path.join(ROOT, "train.py"), f"--data_dir={root}", f"--out_dir={out}", "--n_epochs=3",
+                        "--device=cpu", *TINY, "--batch_size=1", "--time_limit_minutes=10"],  # 24 steps: one
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)  # wall-time progress exchange
     assert r.returncode == 0, r.stderr[-3000:]
     line = [l for l in r.stdout.splitlines() if l.startswith("state fingerprints")]
     assert len(line) == 1 and "identical on all 2 ranks" in line[0], r.stdout
-    assert r.stdout.count("test: ssim=") == 1 and epochs(out) == [0, 1]
+    assert r.stdout.count("test: ssim=") == 1 and epochs(out) == [0, 1, 2]
     assert sorted(p.name for p in out.iterdir() if p.suffix == ".pt") == ["best_model.pt", "last.pt"]
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
 
