@@ -165,8 +165,14 @@ def generate(dev):
     ref = torch.from_numpy(val["x"][np.linspace(0, len(val["x"]) - 1, min(n_reference, len(val["x"]))).astype(int)])
     s_samples, nearest = nearest_ssim(x, pool)
     s_val, _ = nearest_ssim(ref.to(dev)[:, None], pool)
+    # samples are decoder outputs, free of scanner noise: the like-for-like yardstick is the VQ-VAE's own
+    # reconstruction of each validation slice
+    ref_rec = torch.from_numpy(reconstruct(vqvae, ref.numpy(), dev, batch_size)[0]).clamp(0, 1).to(dev)[:, None]
+    s_val_rec, _ = nearest_ssim(ref_rec, pool)
     result = dict(n_samples=sample, temperature=temperature, top_k=top_k, seed=seed, prior_checkpoint=os.path.abspath(path),
-                  samples_to_nearest_train_ssim=quartiles(s_samples), validation_to_nearest_train_ssim=quartiles(s_val))
+                  samples_to_nearest_train_ssim=quartiles(s_samples),
+                  validation_recon_to_nearest_train_ssim=quartiles(s_val_rec),
+                  validation_to_nearest_train_ssim=quartiles(s_val))
     with open(os.path.join(out_dir, "novelty.json"), "w") as f:
         json.dump(result, f, indent=1)
     imgs = x[:, 0].cpu().numpy()
@@ -180,9 +186,10 @@ def generate(dev):
     affine = nib.load(splits["train"][0]).affine
     for i, img in enumerate(imgs):  # intensities in the normalised [0, 1] units: a sample has no scanner scale
         nib.save(nib.Nifti1Image(img.astype(np.float32), affine), os.path.join(out_dir, "nifti", f"sample_{i:03d}.nii.gz"))
-    m = result["samples_to_nearest_train_ssim"], result["validation_to_nearest_train_ssim"]
-    print(f"{sample} samples -> {out_dir}; SSIM to nearest training slice: samples median {m[0]['median']:.3f} "
-          f"[{m[0]['q1']:.3f}, {m[0]['q3']:.3f}], validation median {m[1]['median']:.3f} [{m[1]['q1']:.3f}, {m[1]['q3']:.3f}]")
+    print(f"{sample} samples -> {out_dir}; SSIM to the nearest training slice, median [quartiles]:")
+    for k in ("samples_to_nearest_train_ssim", "validation_recon_to_nearest_train_ssim", "validation_to_nearest_train_ssim"):
+        q = result[k]
+        print(f"  {k.replace('_to_nearest_train_ssim', ''):<17} {q['median']:.3f} [{q['q1']:.3f}, {q['q3']:.3f}]")
 
 
 if __name__ == "__main__":

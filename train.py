@@ -305,6 +305,9 @@ def train_vqvae(run, config):
         with open(run.path("splits.json"), "w") as f:
             json.dump({"data_root": os.path.abspath(root), **{s: p["files"] for s, p in prepared.items()}}, f, indent=1)
         run.log(" ".join(f"{s}: {len(p['files'])} slices" for s, p in prepared.items()))
+        pick = np.linspace(0, len(prepared["train"]["x"]) - 1, min(8, len(prepared["train"]["x"]))).astype(int)
+        dataset.plot_samples(prepared["train"]["x"][pick], run.path("data_samples.png"),
+                             [os.path.basename(prepared["train"]["files"][i]).split(".")[0] for i in pick])
     # the whole split lives on the device; batches are drawn by index (no DataLoader, no per-batch host work)
     x_train = torch.from_numpy(prepared["train"]["x"]).to(run.dev)[:, None]
     x_val = torch.from_numpy(prepared["validate"]["x"]).to(run.dev)[:, None]

@@ -55,7 +55,7 @@ def test_train_then_predict_end_to_end(tmp_path):
     r = run("train.py", f"--data_dir={root}", f"--out_dir={out}", "--n_epochs=2", *TINY, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     for name in ("best_model.pt", "last.pt", "metrics.csv", "loss.png", "ssim.png", "recon_epoch0.png",
-                 "recon_best.png", "splits.json", "test_metrics.json", "recon_test.png"):
+                 "recon_best.png", "splits.json", "data_samples.png", "test_metrics.json", "recon_test.png"):
         assert (out / name).exists(), name
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert [r["epoch"] for r in rows] == ["0", "1"] and all(0 < float(r["codebook_usage"]) <= 1 for r in rows)
