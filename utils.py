@@ -200,6 +200,8 @@ def plot_curves(rows, out):
             continue
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot(ep, [r[key] for r in rows], marker="o", ms=3, label=label)
+        if key == "train_loss":
+            ax.set_yscale("log")  # the loss falls by orders of magnitude; a log axis keeps the late epochs legible
         if key == "val_bits_per_code":
             ax.plot(ep, [r["unigram_bits_per_code"] for r in rows], ls="--", label="unigram baseline (train codes)")
             ax.legend()
