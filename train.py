@@ -236,19 +236,19 @@ def fit(run, model, x_train, x_val, train_loss, validate, lr, bs, epochs, on_bes
             # stop decisions and wall-time progress come from rank 0, so every rank uses the same learning rate
             # and leaves the loop after the same step; under DDP they are shared every SYNC_EVERY steps, as
             # reading them back is a host synchronisation
-            flags = [time_limit is not None and time.time() - t_start >= time_limit, stop["signal"]]
+            used = (time.time() - t_start) / time_limit if time_limit else 0.0
+            crossed, signalled = used >= 1, stop["signal"]
             if run.ddp:
-                flags = [False, False]
+                crossed = signalled = False
                 if global_step % SYNC_EVERY == 0:
-                    elapsed_now = (time.time() - t_start) / time_limit if time_limit else 0.0
-                    t = torch.tensor([elapsed_now >= 1, stop["signal"], elapsed_now], dtype=torch.float64, device=dev)
+                    t = torch.tensor([used, stop["signal"]], dtype=torch.float64, device=dev)
                     dist.broadcast(t, 0)
-                    crossed, signalled, time_progress = t.tolist()
-                    flags = [bool(crossed), bool(signalled)]
-            if flags[1]:
+                    time_progress, signalled = t.tolist()
+                    crossed = time_progress >= 1
+            if signalled:
                 reason = "signal"
                 break
-            if flags[0]:
+            if crossed:
                 reason = "time"
                 break
         if reason == "signal":

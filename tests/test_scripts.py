@@ -78,3 +78,14 @@ def test_train_then_predict_end_to_end(tmp_path):
         assert rec.shape == img.shape and np.allclose(rec.affine, img.affine)
         a, b = rec.get_fdata(), img.get_fdata()
         assert abs(np.median(a) - np.median(b)) < 0.2 * (b.max() - b.min())  # same intensity units
+
+
+def test_time_limit_stops_then_validates_and_tests(tmp_path):
+    root = make_study(tmp_path / "d", per_case=3)
+    out = tmp_path / "run"
+    r = run("train.py", f"--data_dir={root}", f"--out_dir={out}", "--n_epochs=500", "--time_limit_minutes=0.05",
+            *TINY, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "time limit of 0.05 min reached" in r.stdout
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert 1 <= len(rows) < 500 and json.load(open(out / "test_metrics.json"))["epochs"] == len(rows)
