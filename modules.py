@@ -207,16 +207,23 @@ class Block(nn.Module):
 
 
 class CodePrior(nn.Module):
-    """Autoregressive transformer over a (h, w) grid of code indices in raster order, with a start token."""
+    """Autoregressive transformer over a (h, w) grid of code indices in raster order, with a start token.
 
-    def __init__(self, n_codes, grid=(64, 32), d_model=256, n_layers=6, n_heads=8, dropout=0.0):
+    Each position's input is the previous code (the one to its left), the three codes of the row above it
+    (above-left, above, above-right: all earlier in raster order) and its row and column. Handing the model its
+    2D neighbours, instead of leaving attention to find them 31-33 steps back, is what makes it learn in minutes
+    on a CPU (README, Generation)."""
+
+    def __init__(self, n_codes, grid=(64, 32), d_model=128, n_layers=4, n_heads=4, dropout=0.0):
         super().__init__()
         self.n_codes = n_codes
         self.grid = tuple(grid)
         self.seq_len = grid[0] * grid[1]
-        self.start_token = n_codes  # extra embedding row; never predicted
+        self.start_token = n_codes  # extra embedding row: the start, and any neighbour off the grid; never predicted
         self.tok_emb = nn.Embedding(n_codes + 1, d_model)
-        self.pos_emb = nn.Embedding(self.seq_len, d_model)
+        self.above_emb = nn.Embedding(3 * (n_codes + 1), d_model)  # one table, offset per neighbour
+        self.row_emb = nn.Embedding(grid[0], d_model)
+        self.col_emb = nn.Embedding(grid[1], d_model)
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(Block(d_model, n_heads, dropout) for _ in range(n_layers))
         self.ln_f = nn.LayerNorm(d_model)
@@ -231,10 +238,22 @@ class CodePrior(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def _run(self, tokens, caches=None, pos=0):
-        """tokens (B, T) holding positions pos..pos+T-1 (start token at 0) -> logits (B, T, n_codes)."""
+    def _above(self, known, positions):
+        """known (B, h*w) codes (start_token where not yet drawn) -> (B, T, 3) indices into above_emb of the codes
+        above-left, above and above-right of each position, start_token where off the grid."""
+        h, w = self.grid
+        padded = F.pad(known.view(-1, h, w), (1, 1, 1, 0), value=self.start_token)  # (B, h + 1, w + 2)
+        r, c = positions // w, positions % w
+        offsets = torch.arange(3, device=known.device)
+        return padded[:, r[:, None], c[:, None] + offsets] + offsets * (self.n_codes + 1)
+
+    def _run(self, tokens, known, caches=None, pos=0):
+        """tokens (B, T): the inputs at positions pos..pos+T-1 (the start token, then each previous code);
+        known (B, h*w) -> logits (B, T, n_codes)."""
         positions = torch.arange(pos, pos + tokens.shape[1], device=tokens.device)
-        x = self.drop(self.tok_emb(tokens) + self.pos_emb(positions))
+        x = (self.tok_emb(tokens) + self.above_emb(self._above(known, positions)).sum(2)
+             + self.row_emb(positions // self.grid[1]) + self.col_emb(positions % self.grid[1]))
+        x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, None if caches is None else caches[i], pos)
         return self.head(self.ln_f(x))
@@ -243,10 +262,16 @@ class CodePrior(nn.Module):
         start = torch.full_like(idx[:, :1], self.start_token)
         return torch.cat([start, idx[:, :-1]], dim=1)  # shift right: output t sees idx[:, :t]
 
+    def _known(self, idx):
+        """idx (B, L <= h*w) -> (B, h*w), start_token beyond L."""
+        known = torch.full((idx.shape[0], self.seq_len), self.start_token, dtype=idx.dtype, device=idx.device)
+        known[:, :idx.shape[1]] = idx
+        return known
+
     def logits(self, idx):
         """idx (B, L <= h*w) codes -> (B, L, n_codes); position t predicts idx[:, t] from idx[:, :t]."""
         assert idx.shape[1] <= self.seq_len, "sequence longer than the grid"
-        return self._run(self._with_start(idx))
+        return self._run(self._with_start(idx), self._known(idx))
 
     def forward(self, codes):
         """codes (B, h, w) -> mean cross-entropy in nats per code (the training loss; DDP wraps this)."""
@@ -277,6 +302,7 @@ class CodePrior(nn.Module):
         for the same generator state up to float rounding of the logits."""
         device = device if device is not None else next(self.parameters()).device
         tokens = torch.full((n, 1), self.start_token, dtype=torch.long, device=device)
+        known = self._known(tokens[:, :0])
         caches = None
         if use_cache:
             # Buffer dtype follows the attention projections' output (e.g. bf16 under autocast).
@@ -284,10 +310,12 @@ class CodePrior(nn.Module):
             caches = self._new_caches(n, device, probe.dtype)
         for t in range(self.seq_len):
             if use_cache:
-                logits = self._run(tokens[:, t:t + 1], caches, pos=t)[:, -1]
+                logits = self._run(tokens[:, t:t + 1], known, caches, pos=t)[:, -1]
             else:
-                logits = self._run(tokens)[:, -1]  # recompute the whole prefix
-            tokens = torch.cat([tokens, self._draw(logits, temperature, top_k, generator)], dim=1)
+                logits = self._run(tokens, known)[:, -1]  # recompute the whole prefix
+            code = self._draw(logits, temperature, top_k, generator)
+            known[:, t] = code[:, 0]
+            tokens = torch.cat([tokens, code], dim=1)
         return tokens[:, 1:].reshape(n, *self.grid)
 
 

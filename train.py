@@ -52,15 +52,16 @@ n_epochs = 150
 ssim_weight = 0.0          # loss = MSE + ssim_weight * (1 - SSIM) + commitment
 # prior (stage 2)
 vqvae_checkpoint = None    # the frozen VQ-VAE; None = the newest runs/*/best_model.pt
-prior_d_model = 256
-prior_n_layers = 6
-prior_n_heads = 8
-prior_dropout = 0.1
-prior_learning_rate = 1e-3
-prior_batch_size = 16
+prior_d_model = 128         # measured on the CPU demo (README, Generation); a GPU affords a larger prior
+prior_n_layers = 4
+prior_n_heads = 4
+prior_dropout = 0.0
+prior_learning_rate = 3e-3
+prior_batch_size = 8
 prior_n_epochs = 50
+prior_warmup_steps = 10     # a short prior run has only a few hundred steps
 # optimisation, both stages
-warmup_steps = 100
+warmup_steps = 100          # VQ-VAE stage
 grad_clip = 1.0
 # run
 out_dir = None             # None = runs/YYYYmmdd-HHMMSS
@@ -80,9 +81,9 @@ MODEL_KEYS = ("n_hiddens", "n_residual_hiddens", "n_residual_layers", "embedding
               "ema_decay")
 
 
-def lr_at(step, progress, peak):
+def lr_at(step, progress, peak, warmup):
     """Linear warm-up, then cosine decay to 10% over the run's progress (by steps or by wall time)."""
-    return peak * min(1.0, (step + 1) / warmup_steps) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    return peak * min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
 def code_stats(counts):
@@ -167,7 +168,7 @@ def prepare_splits(run, splits, names):
     return prepared
 
 
-def fit(run, model, x_train, x_val, train_loss, validate, lr, bs, epochs, on_best):
+def fit(run, model, x_train, x_val, train_loss, validate, lr, warmup, bs, epochs, on_best):
     """The training loop both stages share: batches by index from device tensors, lr schedule, time limit,
     SIGTERM, DDP, resume from last.pt, NaN stop, metrics.csv, curves, best checkpoint by validate()['score'].
 
@@ -221,7 +222,7 @@ def fit(run, model, x_train, x_val, train_loss, validate, lr, bs, epochs, on_bes
         for i in tqdm(range(first, len(plan)), desc=f"epoch {epoch}", leave=False, disable=not run.master):
             if time_limit and not run.ddp:
                 time_progress = (time.time() - t_start) / time_limit
-            step_lr = lr_at(global_step, max(global_step / total_steps, time_progress), lr)
+            step_lr = lr_at(global_step, max(global_step / total_steps, time_progress), lr, warmup)
             for g in optimizer.param_groups:
                 g["lr"] = step_lr
             with run.autocast:
@@ -358,8 +359,8 @@ def train_vqvae(run, config):
         if epoch == 0:
             figure("recon_epoch0.png", f"validation, epoch 0, SSIM {m['val_ssim']:.4f}")
 
-    rows, interrupted = fit(run, model, x_train, x_val, train_loss, validate, learning_rate, batch_size, n_epochs,
-                            on_best)
+    rows, interrupted = fit(run, model, x_train, x_val, train_loss, validate, learning_rate, warmup_steps, batch_size,
+                            n_epochs, on_best)
     if interrupted or not run.master or "test" not in prepared:
         return
     # test: the best model, scored with the reference metric (scikit-image); it never chooses a model
@@ -423,8 +424,8 @@ def train_prior(run, config):
                                epoch=epoch, val_bits_per_code=m["val_bits_per_code"], unigram_bits_per_code=unigram_val,
                                vqvae_checkpoint=vq_path), run.path("best_prior.pt"))
 
-    fit(run, model, codes["train"], codes["validate"], train_loss, validate, prior_learning_rate, prior_batch_size,
-        prior_n_epochs, on_best)
+    fit(run, model, codes["train"], codes["validate"], train_loss, validate, prior_learning_rate, prior_warmup_steps,
+        prior_batch_size, prior_n_epochs, on_best)
 
 
 def main():

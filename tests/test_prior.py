@@ -59,12 +59,24 @@ def test_cached_logits_match_full_forward():
     full = model.logits(idx)
     caches = model._new_caches(3, idx.device, torch.float64)
     tokens = model._with_start(idx)
-    steps = [model._run(tokens[:, t:t + 1], caches, pos=t) for t in range(16)]
+    known = model._known(idx)
+    steps = [model._run(tokens[:, t:t + 1], known, caches, pos=t) for t in range(16)]
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-10)
     # Multi-token chunks through the cache (masked path) agree too.
     caches = model._new_caches(3, idx.device, torch.float64)
-    chunks = [model._run(tokens[:, s:s + 5], caches, pos=s) for s in (0, 5, 10, 15)]
+    chunks = [model._run(tokens[:, s:s + 5], known, caches, pos=s) for s in (0, 5, 10, 15)]
     assert torch.allclose(torch.cat(chunks, dim=1), full, atol=1e-10)
+
+
+def test_above_neighbours_come_from_the_row_above():
+    model = tiny_prior()
+    known = torch.arange(16).reshape(1, 16)  # code = position on the 4x4 grid
+    got = model._above(known, torch.tensor([0, 4, 5, 7])) - torch.arange(3) * (N_CODES + 1)
+    start = model.start_token
+    assert got[0].tolist() == [[start, start, start],  # first row: nothing above
+                               [start, 0, 1],          # left edge: no above-left
+                               [0, 1, 2],
+                               [2, 3, start]]          # right edge: no above-right
 
 
 def test_sample_shape_range_determinism():
@@ -129,7 +141,7 @@ def test_train_prior_then_sample_end_to_end(tmp_path):
             cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     prior = ["--stage=prior", f"--out_dir={tmp_path / 'runs' / 'prior'}", "--prior_d_model=16", "--prior_n_layers=1",
-             "--prior_n_heads=2", "--prior_n_epochs=2", "--prior_batch_size=4", "--warmup_steps=2", "--cache_dir=None"]
+             "--prior_n_heads=2", "--prior_n_epochs=2", "--prior_batch_size=4", "--prior_warmup_steps=2", "--cache_dir=None"]
     r = run("train.py", *prior, cwd=tmp_path)  # finds the newest VQ-VAE under ./runs
     assert r.returncode == 0, r.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "runs" / "prior" / "metrics.csv")))
