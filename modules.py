@@ -239,17 +239,15 @@ class CodePrior(nn.Module):
             nn.init.zeros_(m.bias)
 
     def _above(self, known, positions):
-        """known (B, h*w) codes (start_token where not yet drawn) -> (B, T, 3) indices into above_emb of the codes
-        above-left, above and above-right of each position, start_token where off the grid."""
-        h, w = self.grid
-        padded = F.pad(known.view(-1, h, w), (1, 1, 1, 0), value=self.start_token)  # (B, h + 1, w + 2)
-        r, c = positions // w, positions % w
+        """known (B, h + 1, w + 2) from _known -> (B, T, 3) indices into above_emb of the codes above-left, above
+        and above-right of each position (start_token where off the grid)."""
+        r, c = positions // self.grid[1], positions % self.grid[1]  # grid row r is known's row r + 1
         offsets = torch.arange(3, device=known.device)
-        return padded[:, r[:, None], c[:, None] + offsets] + offsets * (self.n_codes + 1)
+        return known[:, r[:, None], c[:, None] + offsets] + offsets * (self.n_codes + 1)
 
     def _run(self, tokens, known, caches=None, pos=0):
         """tokens (B, T): the inputs at positions pos..pos+T-1 (the start token, then each previous code);
-        known (B, h*w) -> logits (B, T, n_codes)."""
+        known (B, h + 1, w + 2) from _known -> logits (B, T, n_codes)."""
         positions = torch.arange(pos, pos + tokens.shape[1], device=tokens.device)
         x = (self.tok_emb(tokens) + self.above_emb(self._above(known, positions)).sum(2)
              + self.row_emb(positions // self.grid[1]) + self.col_emb(positions % self.grid[1]))
@@ -263,10 +261,12 @@ class CodePrior(nn.Module):
         return torch.cat([start, idx[:, :-1]], dim=1)  # shift right: output t sees idx[:, :t]
 
     def _known(self, idx):
-        """idx (B, L <= h*w) -> (B, h*w), start_token beyond L."""
+        """idx (B, L <= h*w) -> (B, h + 1, w + 2): the codes on the grid, framed by a row above and a column on
+        each side; start_token on the frame and beyond L. Sampling fills it in place as codes are drawn."""
+        h, w = self.grid
         known = torch.full((idx.shape[0], self.seq_len), self.start_token, dtype=idx.dtype, device=idx.device)
         known[:, :idx.shape[1]] = idx
-        return known
+        return F.pad(known.view(-1, h, w), (1, 1, 1, 0), value=self.start_token)
 
     def logits(self, idx):
         """idx (B, L <= h*w) codes -> (B, L, n_codes); position t predicts idx[:, t] from idx[:, :t]."""
@@ -314,7 +314,7 @@ class CodePrior(nn.Module):
             else:
                 logits = self._run(tokens, known)[:, -1]  # recompute the whole prefix
             code = self._draw(logits, temperature, top_k, generator)
-            known[:, t] = code[:, 0]
+            known[:, 1 + t // self.grid[1], 1 + t % self.grid[1]] = code[:, 0]
             tokens = torch.cat([tokens, code], dim=1)
         return tokens[:, 1:].reshape(n, *self.grid)
 

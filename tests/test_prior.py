@@ -70,7 +70,7 @@ def test_cached_logits_match_full_forward():
 
 def test_above_neighbours_come_from_the_row_above():
     model = tiny_prior()
-    known = torch.arange(16).reshape(1, 16)  # code = position on the 4x4 grid
+    known = model._known(torch.arange(16).reshape(1, 16))  # code = position on the 4x4 grid
     got = model._above(known, torch.tensor([0, 4, 5, 7])) - torch.arange(3) * (N_CODES + 1)
     start = model.start_token
     assert got[0].tolist() == [[start, start, start],  # first row: nothing above
