@@ -125,7 +125,7 @@ def reconstruct_split(dev):
 
 
 @torch.no_grad()
-def nearest_ssim(queries, pool, chunk=256):
+def nearest_ssim(queries, pool, chunk=32):
     """For each query (N, 1, H, W) in [0, 1]: the SSIM to, and index of, its most similar slice in pool (M, 1, H, W).
     The pool's local statistics are computed once; each pair then costs one pooled product."""
     pool_stats = [ssim_stats(c) for c in pool.split(chunk)]

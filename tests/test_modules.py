@@ -1,10 +1,11 @@
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from modules import VQVAE, VectorQuantizer, load_model
-from utils import atomic_torch_save, psnr_torch, score, ssim_torch
+from utils import atomic_torch_save, box_mean, psnr_torch, score, ssim_torch
 
 
 def test_model_shapes_and_grid():
@@ -79,16 +80,25 @@ def test_quantizer_distances_stay_fp32_under_autocast():
     assert zq.dtype == torch.float32 and q.embedding.dtype == torch.float32
 
 
-def test_ssim_torch_matches_scikit_image():
+@pytest.mark.parametrize("shape", [(40, 33), (256, 128)])
+def test_ssim_torch_matches_scikit_image(shape):
     rng = np.random.default_rng(0)
-    x = rng.random((5, 40, 33))
+    x = rng.random((5, *shape))
+    x[:, :shape[0] // 4] = 0  # a black background band, as around the body in a slice
     y = np.clip(x + rng.normal(0, 0.1, x.shape), 0, 1)
-    y[0] = rng.random((40, 33))
+    y[0] = rng.random(shape)
     t = ssim_torch(torch.tensor(x)[:, None], torch.tensor(y)[:, None]).double().numpy()
     ref = [structural_similarity(a, b, data_range=1.0) for a, b in zip(x, y)]
     assert np.abs(t - ref).max() < 1e-4
+    assert ssim_torch(torch.tensor(x)[:, None], torch.tensor(x)[:, None]).min() > 1 - 1e-5  # identical: exactly 1
     p = psnr_torch(torch.tensor(x)[:, None], torch.tensor(y)[:, None])
     assert np.allclose(p.numpy(), [peak_signal_noise_ratio(a, b, data_range=1.0) for a, b in zip(x, y)], atol=1e-3)
+
+
+def test_box_mean_equals_average_pool():
+    x = torch.rand(3, 1, 256, 128)
+    x[:, :, 100:] = 0
+    assert (box_mean(x, 7) - F.avg_pool2d(x, 7, stride=1)).abs().max() < 1e-5
 
 
 def test_score_uses_ground_truth_range():
