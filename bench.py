@@ -100,14 +100,14 @@ def main():
         rows.append(("peak host memory (RSS, model steps)", f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"))
     if config["sample_n"]:  # the prior with train.py's prior_* settings: code grid sampled with KV cache, decoded
         prior = CodePrior(config["n_embeddings"], (dataset.H // 4, dataset.W // 4), config["prior_d_model"],
-                          config["prior_n_layers"], config["prior_n_heads"]).to(dev).eval()
+                          config["prior_n_layers"], config["prior_n_heads"], window=config["prior_window"]).to(dev).eval()
         t0 = time.perf_counter()
         with autocast:
             model.decode(prior.sample(config["sample_n"], generator=torch.Generator(device=dev).manual_seed(0)))
         if cuda:
             torch.cuda.synchronize()
         rows.append((f"prior sampling, batch of {config['sample_n']} (d_model {config['prior_d_model']}, "
-                     f"{config['prior_n_layers']} layers)", f"{(time.perf_counter() - t0) / config['sample_n']:.2f} s/slice"))
+                     f"{config['prior_n_layers']} layers, window {config['prior_window']})", f"{(time.perf_counter() - t0) / config['sample_n']:.2f} s/slice"))
     if config["prep"]:
         root = os.path.join(dataset.REPO, "data", "study")
         dataset.ensure_demo(root, STUDY_SIZES)

@@ -52,11 +52,12 @@ n_epochs = 150
 ssim_weight = 0.0          # loss = MSE + ssim_weight * (1 - SSIM) + commitment
 # prior (stage 2)
 vqvae_checkpoint = None    # the frozen VQ-VAE; None = the newest runs/*/best_model.pt
-prior_d_model = 128         # measured on the CPU demo (README, Generation); a GPU affords a larger prior
+prior_d_model = 64          # measured on the CPU demo (README, Generation); a GPU affords a larger prior
 prior_n_layers = 4
 prior_n_heads = 4
 prior_dropout = 0.0
-prior_learning_rate = 3e-3
+prior_window = 64           # codes each position attends to (two rows of the 64x32 grid); 0 = the whole prefix
+prior_learning_rate = 5e-3
 prior_batch_size = 8
 prior_n_epochs = 50
 prior_warmup_steps = 10     # a short prior run has only a few hundred steps
@@ -401,7 +402,7 @@ def train_prior(run, config):
             f"{unigram_bits(codes['train'], n_codes):.3f} bits, validation under train unigram {unigram_val:.3f} bits")
     torch.manual_seed(seed)
     model_args = dict(n_codes=n_codes, grid=grid, d_model=prior_d_model, n_layers=prior_n_layers,
-                      n_heads=prior_n_heads, dropout=prior_dropout)
+                      n_heads=prior_n_heads, dropout=prior_dropout, window=prior_window)
     model = CodePrior(**model_args).to(run.dev)
 
     def train_loss(net, cb):

@@ -5,15 +5,17 @@ import numpy as np
 import pytest
 import torch
 
-from modules import CodePrior, unigram_bits
+import torch.nn.functional as F
+
+from modules import CodePrior, local_causal_attention, unigram_bits
 
 N_CODES = 8
 GRID = (4, 4)
 
 
-def tiny_prior(seed=0, double=False):
+def tiny_prior(seed=0, double=False, window=0):
     torch.manual_seed(seed)
-    model = CodePrior(N_CODES, grid=GRID, d_model=32, n_layers=2, n_heads=2)
+    model = CodePrior(N_CODES, grid=GRID, d_model=32, n_layers=2, n_heads=2, window=window)
     return model.double() if double else model
 
 
@@ -43,18 +45,19 @@ def test_learns_structured_codes():
     assert bits < 0.5 * base, (bits, base)
 
 
-@pytest.mark.parametrize("temperature,top_k", [(1.0, 0), (0.8, 3)])
-def test_cached_equals_uncached(temperature, top_k):
-    model = tiny_prior(seed=3, double=True).eval()
+@pytest.mark.parametrize("temperature,top_k,window", [(1.0, 0, 0), (0.8, 3, 0), (1.0, 0, 5)])
+def test_cached_equals_uncached(temperature, top_k, window):
+    model = tiny_prior(seed=3, double=True, window=window).eval()
     kw = dict(temperature=temperature, top_k=top_k)
     a = model.sample(5, generator=torch.Generator().manual_seed(7), use_cache=True, **kw)
     b = model.sample(5, generator=torch.Generator().manual_seed(7), use_cache=False, **kw)
     assert torch.equal(a, b)
 
 
-def test_cached_logits_match_full_forward():
+@pytest.mark.parametrize("window", [0, 3, 6])
+def test_cached_logits_match_full_forward(window):
     # Stronger than sample equality: step-by-step cached logits equal the full pass.
-    model = tiny_prior(seed=4, double=True).eval()
+    model = tiny_prior(seed=4, double=True, window=window).eval()
     idx = torch.randint(0, N_CODES, (3, 16))
     full = model.logits(idx)
     caches = model._new_caches(3, idx.device, torch.float64)
@@ -66,6 +69,16 @@ def test_cached_logits_match_full_forward():
     caches = model._new_caches(3, idx.device, torch.float64)
     chunks = [model._run(tokens[:, s:s + 5], known, caches, pos=s) for s in (0, 5, 10, 15)]
     assert torch.allclose(torch.cat(chunks, dim=1), full, atol=1e-10)
+
+
+@pytest.mark.parametrize("t,window", [(2048, 64), (100, 32), (50, 64), (7, 1)])
+def test_local_attention_equals_masked_full_attention(t, window):
+    gen = torch.Generator().manual_seed(t)
+    q, k, v = (torch.randn(2, 3, t, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    p = torch.arange(t)
+    mask = (p[None] <= p[:, None]) & (p[None] > p[:, None] - window)  # key <= query, at most window - 1 back
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.allclose(local_causal_attention(q, k, v, window), expected, atol=1e-12)
 
 
 def test_above_neighbours_come_from_the_row_above():
@@ -90,8 +103,9 @@ def test_sample_shape_range_determinism():
     assert not torch.equal(s1, s3)
 
 
-def test_forward_is_causal():
-    model = tiny_prior(seed=6, double=True).eval()
+@pytest.mark.parametrize("window", [0, 3])
+def test_forward_is_causal(window):
+    model = tiny_prior(seed=6, double=True, window=window).eval()
     idx = torch.randint(0, N_CODES, (2, 16))
     base = model.logits(idx)
     for t in (0, 7, 15):
