@@ -3,7 +3,7 @@
     python bench.py                                   # train.py's defaults, on cuda if present, else cpu
     python bench.py --n_hiddens=128 --batch_size=8 --device=cpu
     python bench.py --prep=True                       # also time data preparation on a study-sized phantom
-    python bench.py --sample_n=0                      # skip timing the prior's sampling
+    python bench.py --sample_n=0                      # skip timing the prior (training and sampling)
 
 Training, inference and validation-metric throughput use random 256x128 slices on the device; preparation
 timing writes the phantom once to data/study (11,460 + 660 + 540 slices) and times a cold and a cached load.
@@ -98,16 +98,28 @@ def main():
     else:
         import resource
         rows.append(("peak host memory (RSS, model steps)", f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"))
-    if config["sample_n"]:  # the prior with train.py's prior_* settings: code grid sampled with KV cache, decoded
+    if config["sample_n"]:  # the prior with train.py's prior_* settings: training steps, then sampling + decoding
         prior = CodePrior(config["n_embeddings"], (dataset.H // 4, dataset.W // 4), config["prior_d_model"],
-                          config["prior_n_layers"], config["prior_n_heads"], window=config["prior_window"]).to(dev).eval()
+                          config["prior_n_layers"], config["prior_n_heads"], window=config["prior_window"]).to(dev)
+        what = f"(d_model {config['prior_d_model']}, {config['prior_n_layers']} layers, window {config['prior_window']})"
+        prior_opt = torch.optim.AdamW(prior.parameters(), lr=config["prior_learning_rate"], fused=cuda)
+        grids = torch.randint(config["n_embeddings"], (config["prior_batch_size"], *prior.grid), device=dev)
+
+        def prior_step():
+            with autocast:
+                loss = prior(grids)
+            prior_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            prior_opt.step()
+        rows.append((f"prior training code grids/s {what}", f"{timed(prior_step, config['prior_batch_size']):.1f}"))
+        prior.eval()
         t0 = time.perf_counter()
         with autocast:
             model.decode(prior.sample(config["sample_n"], generator=torch.Generator(device=dev).manual_seed(0)))
         if cuda:
             torch.cuda.synchronize()
-        rows.append((f"prior sampling, batch of {config['sample_n']} (d_model {config['prior_d_model']}, "
-                     f"{config['prior_n_layers']} layers, window {config['prior_window']})", f"{(time.perf_counter() - t0) / config['sample_n']:.2f} s/slice"))
+        rows.append((f"prior sampling, batch of {config['sample_n']}, with decoding {what}",
+                     f"{(time.perf_counter() - t0) / config['sample_n']:.2f} s/slice"))
     if config["prep"]:
         root = os.path.join(dataset.REPO, "data", "study")
         dataset.ensure_demo(root, STUDY_SIZES)

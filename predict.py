@@ -140,7 +140,7 @@ def nearest_ssim(queries, pool, chunk=32):
 
 def quartiles(a):
     q1, med, q3 = np.percentile(a, [25, 50, 75])
-    return dict(median=float(med), q1=float(q1), q3=float(q3), n=len(a))
+    return dict(median=float(med), q1=float(q1), q3=float(q3), max=float(np.max(a)), n=len(a))  # max: the nearest to a copy
 
 
 def generate(dev):
@@ -186,10 +186,10 @@ def generate(dev):
     affine = nib.load(splits["train"][0]).affine
     for i, img in enumerate(imgs):  # intensities in the normalised [0, 1] units: a sample has no scanner scale
         nib.save(nib.Nifti1Image(img.astype(np.float32), affine), os.path.join(out_dir, "nifti", f"sample_{i:03d}.nii.gz"))
-    print(f"{sample} samples -> {out_dir}; SSIM to the nearest training slice, median [quartiles]:")
+    print(f"{sample} samples -> {out_dir}; SSIM to the nearest training slice, median [quartiles], max:")
     for k in ("samples_to_nearest_train_ssim", "validation_recon_to_nearest_train_ssim", "validation_to_nearest_train_ssim"):
         q = result[k]
-        print(f"  {k.replace('_to_nearest_train_ssim', ''):<17} {q['median']:.3f} [{q['q1']:.3f}, {q['q3']:.3f}]")
+        print(f"  {k.replace('_to_nearest_train_ssim', ''):<17} {q['median']:.3f} [{q['q1']:.3f}, {q['q3']:.3f}], max {q['max']:.3f}")
 
 
 if __name__ == "__main__":

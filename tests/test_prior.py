@@ -168,6 +168,8 @@ def test_train_prior_then_sample_end_to_end(tmp_path):
     nov = json.load(open(out / "novelty.json"))
     assert nov["samples_to_nearest_train_ssim"]["n"] == 3 and nov["validation_to_nearest_train_ssim"]["n"] == 3
     assert nov["validation_recon_to_nearest_train_ssim"]["n"] == 3
+    q = nov["samples_to_nearest_train_ssim"]
+    assert q["q1"] <= q["median"] <= q["q3"] <= q["max"] <= 1
     assert sorted(p.name for p in (out / "nifti").iterdir()) == [f"sample_00{i}.nii.gz" for i in range(3)]
     assert (out / "samples.png").exists() and (out / "samples_nearest.png").exists()
     first = nib.load(out / "nifti" / "sample_000.nii.gz").get_fdata()
