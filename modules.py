@@ -152,6 +152,13 @@ class VQVAE(nn.Module):
 
 # ---- the prior over code grids ----------------------------------------------------------------------------------
 
+def window_mask(query, key, window):
+    """Boolean (len(query), len(key)): query position p may attend to key position k when k <= p and, with a
+    window, k > p - window. The one rule both the full and the cached attention paths use."""
+    allowed = key[None] <= query[:, None]
+    return allowed & (key[None] > query[:, None] - window) if window else allowed
+
+
 def local_causal_attention(q, k, v, window):
     """q, k, v (B, H, T, hd) -> (B, H, T, hd): causal attention in which position p sees only the `window`
     positions p - window + 1 .. p. Computed in blocks of `window` queries, each against its own and the previous
@@ -163,11 +170,10 @@ def local_causal_attention(q, k, v, window):
     n = (t + pad) // window
     q, k, v = (z.reshape(b * h, n, window, hd) for z in (q, k, v))
     k, v = (torch.cat([F.pad(z, (0, 0, 0, 0, 1, 0))[:, :-1], z], dim=2) for z in (k, v))  # (BH, n, 2w, hd)
-    i = torch.arange(window, device=q.device)[:, None]
-    j = torch.arange(2 * window, device=q.device)[None]
-    mask = (j > i) & (j <= i + window)  # key j sits at offset j - window from the query block's start
-    first = torch.arange(n, device=q.device)[:, None, None] > 0
-    mask = mask & (first | (j >= window))  # block 0 has no previous block
+    # positions relative to the query block's start: queries 0..w-1, keys -w..w-1 (previous block, then own)
+    key = torch.arange(-window, window, device=q.device)
+    mask = window_mask(key[window:], key, window)
+    mask = mask & ((torch.arange(n, device=q.device) > 0)[:, None, None] | (key >= 0))  # block 0 has no previous block
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return y.reshape(b, h, n * window, hd)[:, :, :t]
 
@@ -206,9 +212,8 @@ class CausalSelfAttention(nn.Module):
             # With t == 1 (the sampling case) the slice alone is the mask.
             mask = None
             if t > 1:
-                a = torch.arange(pos, pos + t, device=x.device)[:, None]
-                key = torch.arange(first, pos + t, device=x.device)[None]
-                mask = (key <= a) & ((key > a - self.window) if self.window else True)
+                mask = window_mask(torch.arange(pos, pos + t, device=x.device),
+                                   torch.arange(first, pos + t, device=x.device), self.window)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).reshape(b, t, d)
         return self.proj(y)
@@ -238,7 +243,8 @@ class CodePrior(nn.Module):
     Each position's input is the previous code (the one to its left), the three codes of the row above it
     (above-left, above, above-right: all earlier in raster order) and its row and column. Handed its 2D
     neighbours, the model need not first learn to attend 31-33 steps back: fewer bits per code at equal
-    training time (README, Generation)."""
+    training time (README, Generation). With window > 0 each position attends only to the `window` positions up
+    to itself, which makes training O(T * window) instead of O(T^2)."""
 
     def __init__(self, n_codes, grid=(64, 32), d_model=128, n_layers=4, n_heads=4, dropout=0.0, window=0):
         super().__init__()

@@ -4,7 +4,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
 import torch.nn.functional as F
 
 from modules import CodePrior, local_causal_attention, unigram_bits
