@@ -14,17 +14,16 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 import dataset
 import train
 from modules import VQVAE, CodePrior
-from utils import apply_overrides, psnr_torch, ssim_torch
+from utils import apply_overrides, pick_device, psnr_torch, ssim_torch
 
 config = {k: getattr(train, k) for k in train.config_keys}
 config.update(steps=20, warmup=3, prep=False, eval_batch_size=64, sample_n=8)
 apply_overrides(config, sys.argv[1:], types=train.TYPES)
-dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config["device"] == "auto" else config["device"])
+dev = pick_device(config["device"])
 cuda = dev.type == "cuda"
 if cuda:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -61,11 +60,7 @@ def main():
 
     def train_step():
         with autocast:
-            xh, commit, _ = step_model(x)
-            xh = xh.float()
-            loss = F.mse_loss(xh, x) + commit
-            if config["ssim_weight"]:
-                loss = loss + config["ssim_weight"] * (1 - ssim_torch(xh, x).mean())
+            loss, _ = train.vqvae_loss(step_model, x, config["ssim_weight"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -154,20 +154,3 @@ def batches(n, batch_size, seed, epoch, rank=0, world=1, shuffle=True):
     mine = order[rank::world][:per_rank]
     return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
 
-
-def plot_samples(x, path, titles=None, ncols=4):
-    """A grid of slices (N, H, W), shown as axial images (transposed: left-right across)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    nrows = -(-len(x) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3 * ncols, 1.7 * nrows), squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i < len(x):
-            ax.imshow(np.asarray(x[i]).T, cmap="gray", vmin=0, vmax=1)
-            if titles:
-                ax.set_title(titles[i], fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

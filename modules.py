@@ -4,6 +4,8 @@ A 256x128 slice becomes a 64x32 grid of indices into a codebook of n_embeddings 
 CodePrior models that grid autoregressively in raster order, p(c) = prod_t p(c_t | c_<t), so that sampled
 grids decode to new slices. Its loss is in nats per code; divided by ln 2 it is bits per code.
 """
+from collections import OrderedDict
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -22,7 +24,7 @@ class ResidualLayer(nn.Module):
 
 
 class ResidualStack(nn.Module):
-    """n_residual_layers layers, each with its own weights (the template shared one layer object n times)."""
+    """n_residual_layers layers, each with its own weights."""
 
     def __init__(self, n_hiddens, n_residual_hiddens, n_residual_layers):
         super().__init__()
@@ -37,12 +39,12 @@ class Encoder(nn.Module):
 
     def __init__(self, n_hiddens, n_residual_hiddens, n_residual_layers, embedding_dim):
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(1, n_hiddens // 2, 4, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(n_hiddens // 2, n_hiddens, 4, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(n_hiddens, n_hiddens, 3, padding=1),
-            ResidualStack(n_hiddens, n_residual_hiddens, n_residual_layers),
-            nn.Conv2d(n_hiddens, embedding_dim, 1))
+        self.net = nn.Sequential(OrderedDict(
+            down1=nn.Conv2d(1, n_hiddens // 2, 4, stride=2, padding=1), relu1=nn.ReLU(),
+            down2=nn.Conv2d(n_hiddens // 2, n_hiddens, 4, stride=2, padding=1), relu2=nn.ReLU(),
+            conv=nn.Conv2d(n_hiddens, n_hiddens, 3, padding=1),
+            residual=ResidualStack(n_hiddens, n_residual_hiddens, n_residual_layers),
+            project=nn.Conv2d(n_hiddens, embedding_dim, 1)))
 
     def forward(self, x):
         return self.net(x)
@@ -53,11 +55,11 @@ class Decoder(nn.Module):
 
     def __init__(self, n_hiddens, n_residual_hiddens, n_residual_layers, embedding_dim):
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(embedding_dim, n_hiddens, 3, padding=1),
-            ResidualStack(n_hiddens, n_residual_hiddens, n_residual_layers),
-            nn.ConvTranspose2d(n_hiddens, n_hiddens // 2, 4, stride=2, padding=1), nn.ReLU(),
-            nn.ConvTranspose2d(n_hiddens // 2, 1, 4, stride=2, padding=1))
+        self.net = nn.Sequential(OrderedDict(
+            conv=nn.Conv2d(embedding_dim, n_hiddens, 3, padding=1),
+            residual=ResidualStack(n_hiddens, n_residual_hiddens, n_residual_layers),
+            up1=nn.ConvTranspose2d(n_hiddens, n_hiddens // 2, 4, stride=2, padding=1), relu=nn.ReLU(),
+            up2=nn.ConvTranspose2d(n_hiddens // 2, 1, 4, stride=2, padding=1)))
 
     def forward(self, z):
         return self.net(z)
@@ -270,29 +272,29 @@ class CodePrior(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def _above(self, known, positions):
-        """known (B, h + 1, w + 2) from _known -> (B, T, 3) indices into above_emb of the codes above-left, above
+    def neighbours_above(self, known, positions):
+        """known (B, h + 1, w + 2) from known_grid -> (B, T, 3) indices into above_emb of the codes above-left, above
         and above-right of each position (start_token where off the grid)."""
         r, c = positions // self.grid[1], positions % self.grid[1]  # grid row r is known's row r + 1
         offsets = torch.arange(3, device=known.device)
         return known[:, r[:, None], c[:, None] + offsets] + offsets * (self.n_codes + 1)
 
-    def _run(self, tokens, known, caches=None, pos=0):
+    def forward_tokens(self, tokens, known, caches=None, pos=0):
         """tokens (B, T): the inputs at positions pos..pos+T-1 (the start token, then each previous code);
-        known (B, h + 1, w + 2) from _known -> logits (B, T, n_codes)."""
+        known (B, h + 1, w + 2) from known_grid -> logits (B, T, n_codes)."""
         positions = torch.arange(pos, pos + tokens.shape[1], device=tokens.device)
-        x = (self.tok_emb(tokens) + self.above_emb(self._above(known, positions)).sum(2)
+        x = (self.tok_emb(tokens) + self.above_emb(self.neighbours_above(known, positions)).sum(2)
              + self.row_emb(positions // self.grid[1]) + self.col_emb(positions % self.grid[1]))
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, None if caches is None else caches[i], pos)
         return self.head(self.ln_f(x))
 
-    def _with_start(self, idx):
+    def with_start(self, idx):
         start = torch.full_like(idx[:, :1], self.start_token)
         return torch.cat([start, idx[:, :-1]], dim=1)  # shift right: output t sees idx[:, :t]
 
-    def _known(self, idx):
+    def known_grid(self, idx):
         """idx (B, L <= h*w) -> (B, h + 1, w + 2): the codes on the grid, framed by a row above and a column on
         each side; start_token on the frame and beyond L. Sampling fills it in place as codes are drawn."""
         h, w = self.grid
@@ -303,14 +305,14 @@ class CodePrior(nn.Module):
     def logits(self, idx):
         """idx (B, L <= h*w) codes -> (B, L, n_codes); position t predicts idx[:, t] from idx[:, :t]."""
         assert idx.shape[1] <= self.seq_len, "sequence longer than the grid"
-        return self._run(self._with_start(idx), self._known(idx))
+        return self.forward_tokens(self.with_start(idx), self.known_grid(idx))
 
     def forward(self, codes):
         """codes (B, h, w) -> mean cross-entropy in nats per code (the training loss; DDP wraps this)."""
         idx = codes.reshape(codes.shape[0], -1)
         return F.cross_entropy(self.logits(idx).reshape(-1, self.n_codes).float(), idx.reshape(-1))
 
-    def _new_caches(self, n, device, dtype):
+    def new_caches(self, n, device, dtype):
         caches = []
         for block in self.blocks:
             a = block.attn
@@ -334,30 +336,21 @@ class CodePrior(nn.Module):
         for the same generator state up to float rounding of the logits."""
         device = device if device is not None else next(self.parameters()).device
         tokens = torch.full((n, 1), self.start_token, dtype=torch.long, device=device)
-        known = self._known(tokens[:, :0])
+        known = self.known_grid(tokens[:, :0])
         caches = None
         if use_cache:
             # Buffer dtype follows the attention projections' output (e.g. bf16 under autocast).
             probe = self.blocks[0].attn.qkv(self.tok_emb(tokens[:, :1]))
-            caches = self._new_caches(n, device, probe.dtype)
+            caches = self.new_caches(n, device, probe.dtype)
         for t in range(self.seq_len):
             if use_cache:
-                logits = self._run(tokens[:, t:t + 1], known, caches, pos=t)[:, -1]
+                logits = self.forward_tokens(tokens[:, t:t + 1], known, caches, pos=t)[:, -1]
             else:
-                logits = self._run(tokens, known)[:, -1]  # recompute the whole prefix
+                logits = self.forward_tokens(tokens, known)[:, -1]  # recompute the whole prefix
             code = self._draw(logits, temperature, top_k, generator)
             known[:, 1 + t // self.grid[1], 1 + t % self.grid[1]] = code[:, 0]
             tokens = torch.cat([tokens, code], dim=1)
         return tokens[:, 1:].reshape(n, *self.grid)
-
-
-def unigram_bits(codes, n_codes):
-    """Entropy (bits per code) of the empirical unigram distribution of codes (N, h, w): the baseline a prior
-    (whose loss / ln 2 is its bits per code) must beat."""
-    counts = torch.bincount(codes.reshape(-1), minlength=n_codes).double()
-    p = counts / counts.sum()
-    p = p[p > 0]
-    return float(-(p * torch.log2(p)).sum())
 
 
 

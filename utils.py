@@ -1,4 +1,4 @@
-"""NIfTI reading, the metrics we report, and small helpers shared by the scripts.
+"""What the scripts share: NIfTI reading, the metrics we report, the figures, and small helpers.
 
 The metric (see README): each ground-truth slice is scaled to [0, 1] by its own min and max; the reconstruction,
 in the same intensity units, is scaled by that same min and max and clipped to [0, 1]; SSIM is scikit-image's
@@ -53,12 +53,20 @@ def read_nifti(path):
     return a
 
 
+# ---- metrics ----------------------------------------------------------------------------------------------------
+
 def score(gt, rec):
     """Reference metric for one slice in intensity units: (ssim, psnr) with scikit-image, as defined above."""
     lo, hi = float(gt.min()), float(gt.max())
     g = (gt - lo) / max(hi - lo, 1e-8)
     r = np.clip((rec - lo) / max(hi - lo, 1e-8), 0.0, 1.0)
     return structural_similarity(g, r, data_range=1.0), peak_signal_noise_ratio(g, r, data_range=1.0)
+
+
+def score_split(x, rec, lo, hi):
+    """Per-slice (ssim, psnr) with the reference metric, both arrays brought back to intensity units."""
+    return np.array([score(x[i].astype(np.float64) * (hi[i] - lo[i]) + lo[i],
+                           rec[i].astype(np.float64) * (hi[i] - lo[i]) + lo[i]) for i in range(len(x))])
 
 
 def box_mean(x, win):
@@ -101,11 +109,146 @@ def psnr_torch(x, y):
     return 10 * torch.log10(1.0 / mse.clamp_min(1e-12))
 
 
+
+@torch.no_grad()
+def nearest_ssim(queries, pool, chunk=32):
+    """For each query (N, 1, H, W) in [0, 1]: the SSIM to, and index of, its most similar slice in pool (M, 1, H, W).
+    The pool's local statistics are computed once; each pair then costs one pooled product."""
+    pool_stats = [ssim_stats(c) for c in pool.split(chunk)]
+    best, where = [], []
+    for q in queries:
+        qs = ssim_stats(q[None])
+        s = torch.cat([ssim_from_stats(qs, ps) for ps in pool_stats])
+        best.append(float(s.max()))
+        where.append(int(s.argmax()))
+    return np.array(best), np.array(where)
+
+def entropy(counts, reference=None):
+    """Cross-entropy in nats of the histogram `counts` under the distribution of `reference` (itself by default,
+    which makes it the entropy). Codebook perplexity is exp(entropy(counts)); divided by ln 2 it is in bits."""
+    p = counts.double() / counts.sum().clamp_min(1)
+    q = p if reference is None else reference.double() / reference.sum()
+    return float(-(p * torch.log(q.clamp_min(1e-12))).sum())
+
+
+@torch.no_grad()
+def reconstruct(model, x, device, batch_size=64):
+    """x float32 (N, H, W) in [0, 1] (numpy) -> reconstructions (N, H, W) numpy, unclipped, and codes (N, h, w)."""
+    recs, codes, device = [], [], torch.device(device)
+    for i in range(0, len(x), batch_size):
+        xb = torch.as_tensor(x[i:i + batch_size], device=device)[:, None]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            xh, _, idx = model(xb)
+        recs.append(xh.float()[:, 0].cpu().numpy())
+        codes.append(idx.cpu().numpy())
+    return np.concatenate(recs), np.concatenate(codes)
+
+
+def evaluate_split(model, prepared, device, batch_size=64):
+    """Reconstruct a prepared split and score it with the reference metric -> (reconstructions, per-slice
+    (ssim, psnr), means dict). The test scoring of train.py and predict.py are this one function."""
+    rec, _ = reconstruct(model, prepared["x"], device, batch_size)
+    scores = score_split(prepared["x"], rec, prepared["lo"], prepared["hi"])
+    return rec, scores, dict(ssim=float(scores[:, 0].mean()), psnr=float(scores[:, 1].mean()), n_slices=len(scores))
+
+
+# ---- figures ----------------------------------------------------------------------------------------------------
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_grid(x, path, titles=None, ncols=4):
+    """A grid of slices (N, H, W) in [0, 1], shown as axial images (transposed: left-right across)."""
+    plt = _pyplot()
+    nrows = -(-len(x) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3 * ncols, 1.7 * nrows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < len(x):
+            ax.imshow(np.asarray(x[i]).T, cmap="gray", vmin=0, vmax=1)
+            if titles:
+                ax.set_title(titles[i], fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_reconstructions(x, rec, path, title=""):
+    """Rows: originals, reconstructions, absolute error; x, rec (N, H, W) in [0, 1], shown as axial images."""
+    plt = _pyplot()
+    n = len(x)
+    fig, axes = plt.subplots(3, n, figsize=(2.6 * n, 4.6), squeeze=False)
+    for i in range(n):
+        err = np.abs(np.clip(rec[i], 0, 1) - x[i])
+        s, _ = score(x[i].astype(np.float64), rec[i].astype(np.float64))
+        for row, (img, vmax) in enumerate(((x[i], 1), (np.clip(rec[i], 0, 1), 1), (err, 0.2))):
+            axes[row, i].imshow(img.T, cmap="gray" if row < 2 else "inferno", vmin=0, vmax=vmax)
+            axes[row, i].axis("off")
+        axes[1, i].set_title(f"SSIM {s:.3f}", fontsize=8)
+    for row, name in enumerate(("original", "reconstruction", "|error| (0-0.2)")):
+        axes[row, 0].text(-0.05, 0.5, name, transform=axes[row, 0].transAxes, rotation=90,
+                          va="center", ha="right", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_curves(rows, out):
+    """loss.png from train_loss, and one figure per validation metric that the rows carry."""
+    plt = _pyplot()
+    ep = [r["epoch"] for r in rows]
+    for name, key, label in (("loss.png", "train_loss", "training loss"), ("ssim.png", "val_ssim", "validation SSIM"),
+                             ("bits.png", "val_bits_per_code", "validation bits per code")):
+        if key not in rows[0]:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(ep, [r[key] for r in rows], marker="o", ms=3, label=label)
+        if key == "train_loss":
+            ax.set_yscale("log")  # the loss falls by orders of magnitude; a log axis keeps the late epochs legible
+        if key == "val_bits_per_code":
+            ax.plot(ep, [r["unigram_bits_per_code"] for r in rows], ls="--", label="unigram baseline (train codes)")
+            ax.legend()
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, name), dpi=100)
+        plt.close(fig)
+
+
+# ---- helpers ----------------------------------------------------------------------------------------------------
+
+def pick_device(name="auto"):
+    """'auto' -> cuda if available, else cpu; otherwise the named device."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
 def atomic_torch_save(obj, path):
     """Write to a temp file beside `path`, then rename: a crash never leaves a half-written checkpoint."""
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def newest(pattern):
+    """The most recently modified path matching a glob pattern, or None."""
+    found = sorted(glob.glob(pattern), key=os.path.getmtime)
+    return found[-1] if found else None
+
+
+def find_checkpoint(path, pattern):
+    """The given checkpoint path, or the newest match of pattern; exits with one line if there is none."""
+    path = path or newest(pattern)
+    if path is None:
+        sys.exit(f"error: no checkpoint given and none found as {pattern}; train first")
+    if not os.path.exists(path):
+        sys.exit(f"error: {path}: checkpoint not found")
+    return path
 
 
 def apply_overrides(config, argv, bare_true=(), types=None):
@@ -148,76 +291,3 @@ def apply_overrides(config, argv, bare_true=(), types=None):
             sys.exit(f"error: --{name}={text}: expected {want}, got {type(value).__name__}")
         config[name] = value
     return config
-
-
-@torch.no_grad()
-def reconstruct(model, x, device, batch_size=64):
-    """x float32 (N, H, W) in [0, 1] (numpy) -> reconstructions (N, H, W) numpy, unclipped, and codes (N, h, w)."""
-    recs, codes, device = [], [], torch.device(device)
-    for i in range(0, len(x), batch_size):
-        xb = torch.as_tensor(x[i:i + batch_size], device=device)[:, None]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            xh, _, idx = model(xb)
-        recs.append(xh.float()[:, 0].cpu().numpy())
-        codes.append(idx.cpu().numpy())
-    return np.concatenate(recs), np.concatenate(codes)
-
-
-def score_split(x, rec, lo, hi):
-    """Per-slice (ssim, psnr) with the reference metric, both arrays brought back to intensity units."""
-    return np.array([score(x[i].astype(np.float64) * (hi[i] - lo[i]) + lo[i],
-                           rec[i].astype(np.float64) * (hi[i] - lo[i]) + lo[i]) for i in range(len(x))])
-
-
-def plot_reconstructions(x, rec, path, title=""):
-    """Rows: originals, reconstructions, absolute error; x, rec (N, H, W) in [0, 1], shown as axial images."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    n = len(x)
-    fig, axes = plt.subplots(3, n, figsize=(2.6 * n, 4.6), squeeze=False)
-    for i in range(n):
-        err = np.abs(np.clip(rec[i], 0, 1) - x[i])
-        s, _ = score(x[i].astype(np.float64), rec[i].astype(np.float64))
-        for row, (img, vmax) in enumerate(((x[i], 1), (np.clip(rec[i], 0, 1), 1), (err, 0.2))):
-            axes[row, i].imshow(img.T, cmap="gray" if row < 2 else "inferno", vmin=0, vmax=vmax)
-            axes[row, i].axis("off")
-        axes[1, i].set_title(f"SSIM {s:.3f}", fontsize=8)
-    for row, name in enumerate(("original", "reconstruction", "|error| (0-0.2)")):
-        axes[row, 0].text(-0.05, 0.5, name, transform=axes[row, 0].transAxes, rotation=90,
-                          va="center", ha="right", fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def newest(pattern):
-    """The most recently modified path matching a glob pattern, or None."""
-    found = sorted(glob.glob(pattern), key=os.path.getmtime)
-    return found[-1] if found else None
-
-
-def plot_curves(rows, out):
-    """loss.png from train_loss, and one figure per validation metric that the rows carry."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    ep = [r["epoch"] for r in rows]
-    for name, key, label in (("loss.png", "train_loss", "training loss"), ("ssim.png", "val_ssim", "validation SSIM"),
-                             ("bits.png", "val_bits_per_code", "validation bits per code")):
-        if key not in rows[0]:
-            continue
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(ep, [r[key] for r in rows], marker="o", ms=3, label=label)
-        if key == "train_loss":
-            ax.set_yscale("log")  # the loss falls by orders of magnitude; a log axis keeps the late epochs legible
-        if key == "val_bits_per_code":
-            ax.plot(ep, [r["unigram_bits_per_code"] for r in rows], ls="--", label="unigram baseline (train codes)")
-            ax.legend()
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, name), dpi=100)
-        plt.close(fig)

@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 
 import nibabel as nib
@@ -12,6 +13,12 @@ from phantom import phantom_slice  # noqa: E402
 
 TINY = ["--n_hiddens=16", "--n_residual_hiddens=8", "--n_residual_layers=1", "--embedding_dim=8",
         "--n_embeddings=32", "--batch_size=4", "--eval_batch_size=16", "--warmup_steps=2", "--cache_dir=None"]
+
+
+def run(script, *args, cwd):
+    """One of the repo's scripts as a user runs it, in folder cwd."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
 
 
 def write_slice(path, data, affine=None):

@@ -9,8 +9,7 @@ import time
 
 import torch
 
-from conftest import ROOT, TINY, make_study
-from test_scripts import run
+from conftest import ROOT, TINY, make_study, run
 
 
 def epochs(out):

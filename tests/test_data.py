@@ -130,7 +130,8 @@ def test_phantom_is_deterministic_and_varied():
     assert np.abs(a - near).mean() < np.abs(a - other).mean()
 
 
-def test_sample_plot(tmp_path, study):
+def test_grid_plot(tmp_path, study):
+    from utils import plot_grid
     p = dataset.prepare(dataset.find_splits(study)["test"])
-    dataset.plot_samples(p["x"], tmp_path / "s.png", titles=["a", "b", "c"])
+    plot_grid(p["x"], tmp_path / "s.png", titles=["a", "b", "c"])
     assert (tmp_path / "s.png").stat().st_size > 1000

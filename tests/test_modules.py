@@ -18,7 +18,7 @@ def test_model_shapes_and_grid():
 
 def test_residual_layers_have_their_own_weights():
     m = VQVAE(n_residual_layers=3)
-    layers = m.encoder.net[5].layers
+    layers = m.encoder.net.residual.layers
     assert len({id(l.block[1].weight) for l in layers}) == 3
 
 

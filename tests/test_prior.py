@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modules import CodePrior, local_causal_attention, unigram_bits
+from modules import CodePrior, local_causal_attention
+from utils import entropy
 
 N_CODES = 8
 GRID = (4, 4)
@@ -39,7 +40,7 @@ def test_learns_structured_codes():
     test_codes = counting_grids(256, gen)
     with torch.no_grad():
         bits = model(test_codes).item() / math.log(2)
-    base = unigram_bits(test_codes, N_CODES)
+    base = unigram_bits(test_codes)
     assert base == pytest.approx(3.0, abs=0.05)
     assert bits < 0.5 * base, (bits, base)
 
@@ -59,14 +60,14 @@ def test_cached_logits_match_full_forward(window):
     model = tiny_prior(seed=4, double=True, window=window).eval()
     idx = torch.randint(0, N_CODES, (3, 16))
     full = model.logits(idx)
-    caches = model._new_caches(3, idx.device, torch.float64)
-    tokens = model._with_start(idx)
-    known = model._known(idx)
-    steps = [model._run(tokens[:, t:t + 1], known, caches, pos=t) for t in range(16)]
+    caches = model.new_caches(3, idx.device, torch.float64)
+    tokens = model.with_start(idx)
+    known = model.known_grid(idx)
+    steps = [model.forward_tokens(tokens[:, t:t + 1], known, caches, pos=t) for t in range(16)]
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-10)
     # Multi-token chunks through the cache (masked path) agree too.
-    caches = model._new_caches(3, idx.device, torch.float64)
-    chunks = [model._run(tokens[:, s:s + 5], known, caches, pos=s) for s in (0, 5, 10, 15)]
+    caches = model.new_caches(3, idx.device, torch.float64)
+    chunks = [model.forward_tokens(tokens[:, s:s + 5], known, caches, pos=s) for s in (0, 5, 10, 15)]
     assert torch.allclose(torch.cat(chunks, dim=1), full, atol=1e-10)
 
 
@@ -82,8 +83,8 @@ def test_local_attention_equals_masked_full_attention(t, window):
 
 def test_above_neighbours_come_from_the_row_above():
     model = tiny_prior()
-    known = model._known(torch.arange(16).reshape(1, 16))  # code = position on the 4x4 grid
-    got = model._above(known, torch.tensor([0, 4, 5, 7])) - torch.arange(3) * (N_CODES + 1)
+    known = model.known_grid(torch.arange(16).reshape(1, 16))  # code = position on the 4x4 grid
+    got = model.neighbours_above(known, torch.tensor([0, 4, 5, 7])) - torch.arange(3) * (N_CODES + 1)
     start = model.start_token
     assert got[0].tolist() == [[start, start, start],  # first row: nothing above
                                [start, 0, 1],          # left edge: no above-left
@@ -126,10 +127,19 @@ def test_forward_and_loss_shapes():
     assert loss.item() == pytest.approx(math.log(N_CODES), rel=0.1)
 
 
-def test_unigram_bits():
+def unigram_bits(codes):
+    return entropy(torch.bincount(codes.flatten(), minlength=N_CODES)) / math.log(2)
+
+
+def test_entropy_and_cross_entropy():
     uniform4 = torch.arange(4).repeat(10).reshape(10, 2, 2)
-    assert unigram_bits(uniform4, 8) == pytest.approx(2.0)
-    assert unigram_bits(torch.zeros(3, 2, 2, dtype=torch.long), 8) == pytest.approx(0.0)
+    assert unigram_bits(uniform4) == pytest.approx(2.0)
+    assert unigram_bits(torch.zeros(3, 2, 2, dtype=torch.long)) == pytest.approx(0.0)
+    counts = torch.tensor([3, 1, 0, 0])
+    # bits per code of these codes under a uniform distribution over 4 codes: 2, whatever the codes
+    assert entropy(counts, torch.ones(4)) / math.log(2) == pytest.approx(2.0)
+    p = torch.tensor([0.75, 0.25])
+    assert entropy(counts) == pytest.approx(float(-(p * p.log()).sum()))
 
 
 def test_prior_checkpoint_round_trip(tmp_path):
@@ -147,8 +157,7 @@ def test_train_prior_then_sample_end_to_end(tmp_path):
     import csv
     import json
 
-    from conftest import TINY, make_study
-    from test_scripts import run
+    from conftest import TINY, make_study, run
     root = make_study(tmp_path / "d", per_case=3)
     r = run("train.py", f"--data_dir={root}", f"--out_dir={tmp_path / 'runs' / 'vq'}", "--n_epochs=1", *TINY,
             cwd=tmp_path)
@@ -161,7 +170,7 @@ def test_train_prior_then_sample_end_to_end(tmp_path):
     assert len(rows) == 2 and float(rows[-1]["val_bits_per_code"]) > 0
     assert (tmp_path / "runs" / "prior" / "best_prior.pt").exists() and (tmp_path / "runs" / "prior" / "bits.png").exists()
     out = tmp_path / "samples"
-    r = run("predict.py", "--sample=3", "--top_k=5", "--temperature=0.9", f"--out_dir={out}", "--n_reference=4",
+    r = run("sample.py", "--n_samples=3", "--top_k=5", "--temperature=0.9", f"--out_dir={out}", "--n_reference=4",
             cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     nov = json.load(open(out / "novelty.json"))
@@ -172,6 +181,6 @@ def test_train_prior_then_sample_end_to_end(tmp_path):
     assert sorted(p.name for p in (out / "nifti").iterdir()) == [f"sample_00{i}.nii.gz" for i in range(3)]
     assert (out / "samples.png").exists() and (out / "samples_nearest.png").exists()
     first = nib.load(out / "nifti" / "sample_000.nii.gz").get_fdata()
-    r = run("predict.py", "--sample=3", "--top_k=5", "--temperature=0.9", f"--out_dir={tmp_path / 'again'}",
+    r = run("sample.py", "--n_samples=3", "--top_k=5", "--temperature=0.9", f"--out_dir={tmp_path / 'again'}",
             "--n_reference=4", cwd=tmp_path)
     assert np.array_equal(first, nib.load(tmp_path / "again" / "nifti" / "sample_000.nii.gz").get_fdata())  # seeded

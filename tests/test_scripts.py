@@ -2,20 +2,13 @@
 import csv
 import json
 import os
-import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY, make_study, write_slice
+from conftest import TINY, make_study, run, write_slice
 from utils import apply_overrides
-
-
-def run(script, *args, cwd):
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=600)
 
 
 def test_overrides_keep_types():

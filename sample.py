@@ -1,0 +1,111 @@
+"""Generate new slices: sample code grids from a trained prior, decode them with its VQ-VAE, and measure how close
+each sits to the training set.
+
+    python sample.py                                    # the newest runs/*/best_prior.pt
+    python sample.py --prior_checkpoint=runs/gen-prior/best_prior.pt --n_samples=64 --temperature=0.8 --top_k=4
+
+Every name in the block below can be overridden as --name=value. Writes to <prior run>/samples/: samples.png,
+samples_nearest.png, nifti/sample_XXX.nii.gz and novelty.json.
+"""
+import json
+import os
+import sys
+
+import nibabel as nib
+import numpy as np
+import torch
+
+import dataset
+from modules import load_model
+from utils import (DataError, apply_overrides, find_checkpoint, nearest_ssim, pick_device, plot_grid,
+                   reconstruct)
+
+# ----------------------------------------------------------------------------------------------------------------
+prior_checkpoint = None  # None = the newest runs/*/best_prior.pt
+n_samples = 64
+temperature = 1.0        # < 1 sharpens each code's distribution
+top_k = 0                # > 0: sample only from the k most likely codes; 0 = from all
+seed = 0
+n_reference = 128        # validation slices measured against the training set, the yardstick for samples
+out_dir = None           # None = <prior run>/samples
+device = "auto"
+batch_size = 64
+# ----------------------------------------------------------------------------------------------------------------
+TYPES = {"prior_checkpoint": (str,), "out_dir": (str,)}
+
+
+def quartiles(a):
+    q1, med, q3 = np.percentile(a, [25, 50, 75])
+    return dict(median=float(med), q1=float(q1), q3=float(q3), max=float(np.max(a)), n=len(a))  # max: the nearest to a copy
+
+
+@torch.no_grad()
+def draw(prior, vqvae, dev):
+    """n_samples decoded samples (N, 1, H, W) in [0, 1], from a seeded generator."""
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    codes = torch.cat([prior.sample(len(c), temperature, top_k, generator=gen)
+                       for c in torch.arange(n_samples).split(batch_size)])
+    return torch.cat([vqvae.decode(c).float().clamp(0, 1) for c in codes.split(batch_size)])
+
+
+def novelty(x, vqvae, splits, cache_dir, dev):
+    """Each sample's SSIM to its nearest training slice, beside the same for validation slices (as stored, and as
+    the VQ-VAE reconstructs them) -> (novelty dict, nearest training index per sample, the training slices)."""
+    try:
+        train = dataset.prepare(splits["train"], cache_dir, True, desc="train")
+        val = dataset.prepare(splits["validate"], cache_dir, True, desc="validate")
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    pool = torch.from_numpy(train["x"]).to(dev)[:, None]
+    ref = torch.from_numpy(val["x"][np.linspace(0, len(val["x"]) - 1, min(n_reference, len(val["x"]))).astype(int)])
+    s_samples, nearest = nearest_ssim(x, pool)
+    s_val, _ = nearest_ssim(ref.to(dev)[:, None], pool)
+    # samples are decoder outputs, free of scanner noise: the like-for-like yardstick is the VQ-VAE's own
+    # reconstruction of each validation slice
+    ref_rec = torch.from_numpy(reconstruct(vqvae, ref.numpy(), dev, batch_size)[0]).clamp(0, 1).to(dev)[:, None]
+    s_val_rec, _ = nearest_ssim(ref_rec, pool)
+    result = dict(samples_to_nearest_train_ssim=quartiles(s_samples),
+                  validation_recon_to_nearest_train_ssim=quartiles(s_val_rec),
+                  validation_to_nearest_train_ssim=quartiles(s_val))
+    return result, s_samples, nearest, train["x"]
+
+
+def write_samples(out, imgs, s_samples, nearest, train_x, affine):
+    """samples.png, samples_nearest.png, and one NIfTI per sample."""
+    plot_grid(imgs[:16], os.path.join(out, "samples.png"),
+              [f"sample {i}, nearest train SSIM {s:.2f}" for i, s in enumerate(s_samples[:16])])
+    n = min(8, len(imgs))
+    pairs = np.stack([a for i in range(n) for a in (imgs[i], train_x[nearest[i]])])
+    plot_grid(pairs, os.path.join(out, "samples_nearest.png"),
+              [t for i in range(n) for t in (f"sample {i}", f"nearest train, SSIM {s_samples[i]:.3f}")], ncols=4)
+    os.makedirs(os.path.join(out, "nifti"), exist_ok=True)
+    for i, img in enumerate(imgs):  # intensities in the normalised [0, 1] units: a sample has no scanner scale
+        nib.save(nib.Nifti1Image(img.astype(np.float32), affine), os.path.join(out, "nifti", f"sample_{i:03d}.nii.gz"))
+
+
+def main():
+    apply_overrides(globals(), sys.argv[1:], types=TYPES)
+    dev = pick_device(device)
+    path = find_checkpoint(prior_checkpoint, "runs/*/best_prior.pt")
+    prior, ckpt = load_model(path, dev)
+    vqvae, _ = load_model(ckpt["vqvae_checkpoint"], dev)
+    out = out_dir or os.path.join(os.path.dirname(path), "samples")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(os.path.dirname(ckpt["vqvae_checkpoint"]), "splits.json")) as f:
+        splits = json.load(f)
+
+    x = draw(prior, vqvae, dev)
+    measures, s_samples, nearest, train_x = novelty(x, vqvae, splits, ckpt["config"]["cache_dir"], dev)
+    result = dict(n_samples=n_samples, temperature=temperature, top_k=top_k, seed=seed,
+                  prior_checkpoint=os.path.abspath(path), **measures)
+    with open(os.path.join(out, "novelty.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    write_samples(out, x[:, 0].cpu().numpy(), s_samples, nearest, train_x, nib.load(splits["train"][0]).affine)
+    print(f"{n_samples} samples -> {out}; SSIM to the nearest training slice, median [quartiles], max:")
+    for k in measures:
+        q = result[k]
+        print(f"  {k.replace('_to_nearest_train_ssim', ''):<17} {q['median']:.3f} [{q['q1']:.3f}, {q['q3']:.3f}], max {q['max']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
