@@ -5,6 +5,7 @@ uses), and (lo, hi) are kept per slice so x * (hi - lo) + lo puts a reconstructi
 """
 import glob
 import hashlib
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -65,9 +66,10 @@ def find_splits(data_dir=None, train_dir=None, validate_dir=None, test_dir=None,
         splits["train"], splits["validate"] = patient_split(splits["train"], val_fraction, seed)
     if dirs["test"] and (test_dir or os.path.isdir(dirs["test"])):
         splits["test"] = list_slices(dirs["test"])
-    shared = {case_id(f) for f in splits["train"]} & {case_id(f) for f in splits["validate"]}
-    if shared:
-        raise DataError(f"{dirs['validate']}: patients {sorted(shared)} are in both train and validate")
+    patients = {s: {case_id(f) for f in files} for s, files in splits.items()}
+    for a, b in itertools.combinations(splits, 2):
+        if patients[a] & patients[b]:
+            raise DataError(f"{dirs[b]}: patients {sorted(patients[a] & patients[b])} are in both {a} and {b}")
     return splits
 
 
@@ -104,6 +106,17 @@ def _load_or_error(path):
         return str(e)
 
 
+def _read_cache(path):
+    """A prepared split from its .json and .npy; raises ValueError if they do not fit together."""
+    with open(path + ".json") as f:
+        cached = json.load(f)
+    # mapped copy-on-write: pages come straight from the OS page cache as they are touched, no 1.6 GB copy
+    x = np.load(path + ".npy", mmap_mode="c")
+    if x.shape != (len(cached["files"]), H, W) or len(cached["lo"]) != len(x) or len(cached["hi"]) != len(x):
+        raise ValueError(f"array of shape {x.shape} for {len(cached['files'])} files")
+    return dict(x=x, **{k: np.array(v) if k in ("lo", "hi") else v for k, v in cached.items()})
+
+
 def _cache_key(files):
     stats = [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
     return hashlib.sha1(json.dumps([PREP_VERSION, H, W, stats]).encode()).hexdigest()[:16]
@@ -117,12 +130,13 @@ def prepare(files, cache_dir=None, skip_bad=False, desc="prepare", workers=None)
     settings, so any change rebuilds it and nothing stale is used."""
     path = os.path.join(cache_dir, f"{desc}-{_cache_key(files)}") if cache_dir else None
     if path and os.path.exists(path + ".json"):
-        with open(path + ".json") as f:
-            cached = json.load(f)
-        if skip_bad or not cached["skipped"]:  # a strict run must still refuse the bad files it skipped before
-            # mapped copy-on-write: pages come straight from the OS page cache as they are touched, no 1.6 GB copy
-            x = np.load(path + ".npy", mmap_mode="c")
-            return dict(x=x, **{k: np.array(v) if k in ("lo", "hi") else v for k, v in cached.items()})
+        try:
+            cached = _read_cache(path)
+        except (OSError, ValueError, KeyError) as e:  # truncated or corrupt: rebuild it, saying so
+            print(f"cache {path}: unreadable ({type(e).__name__}: {e}); rebuilding it", flush=True)
+            cached = None
+        if cached and (skip_bad or not cached["skipped"]):  # a strict run must still refuse the bad files it skipped
+            return cached
     workers = workers or min(len(files) // 64 + 1, os.cpu_count() or 1)
     if workers > 1:
         with mp.get_context("fork").Pool(workers) as pool:

@@ -4,12 +4,17 @@ A 256x128 slice becomes a 64x32 grid of indices into a codebook of n_embeddings 
 CodePrior models that grid autoregressively in raster order, p(c) = prod_t p(c_t | c_<t), so that sampled
 grids decode to new slices. Its loss is in nats per code; divided by ln 2 it is bits per code.
 """
+import os
+import pickle
+import zipfile
 from collections import OrderedDict
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from utils import DataError
 
 
 class ResidualLayer(nn.Module):
@@ -354,9 +359,36 @@ class CodePrior(nn.Module):
 
 
 
-def load_model(path, device="cpu"):
-    """A self-describing checkpoint (VQ-VAE or prior) -> (model in eval mode, the checkpoint dict)."""
-    ckpt = torch.load(path, map_location=device, weights_only=True)
-    model = {"vqvae": VQVAE, "prior": CodePrior}[ckpt.get("kind", "vqvae")](**ckpt["model_args"]).to(device)
+KINDS = {"vqvae": "a VQ-VAE (best_model.pt)", "prior": "a prior (best_prior.pt)"}
+
+
+def read_checkpoint(path, device="cpu", mmap=False):
+    """torch.load with weights_only=True; any failure is one DataError line naming the file and the problem."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: checkpoint not found" if not os.path.exists(path) else f"{path}: not a file")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive: anything else is truncated or foreign
+        raise DataError(f"{path}: not a torch checkpoint (truncated, or another kind of file)")
+    try:
+        return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError:
+        raise DataError(f"{path}: refused: it holds objects other than tensors and plain data, which are not loaded "
+                        "(weights_only)") from None
+    except Exception as e:
+        raise DataError(f"{path}: corrupt checkpoint ({type(e).__name__})") from None
+
+
+def load_model(path, device="cpu", kind=None):
+    """A self-describing checkpoint (VQ-VAE or prior) -> (model in eval mode, the checkpoint dict). With `kind`,
+    any other checkpoint is refused with one line that says what it is."""
+    ckpt = read_checkpoint(path, device)
+    if not isinstance(ckpt, dict) or "model_args" not in ckpt:
+        what = "a training state (last.pt), for --resume" if isinstance(ckpt, dict) and "optimizer" in ckpt else \
+            "not a model checkpoint"
+        raise DataError(f"{path}: {what}; expected {KINDS.get(kind, 'a model checkpoint')}")
+    found = ckpt.get("kind", "vqvae")
+    if kind and found != kind:
+        raise DataError(f"{path}: {KINDS[found]}; expected {KINDS[kind]}")
+    model = {"vqvae": VQVAE, "prior": CodePrior}[found](**ckpt["model_args"]).to(device)
     model.load_state_dict(ckpt["model"])
     return model.eval(), ckpt

@@ -17,7 +17,8 @@ from skimage.transform import resize
 
 import dataset
 from modules import load_model
-from utils import DataError, apply_overrides, evaluate_split, find_checkpoint, pick_device, plot_reconstructions
+from utils import (DataError, block_names, check_ranges, configure, evaluate_split, find_checkpoint, pick_device,
+                   plot_reconstructions)
 
 # ----------------------------------------------------------------------------------------------------------------
 checkpoint = None      # None = the newest runs/*/best_model.pt
@@ -30,7 +31,10 @@ skip_bad = False       # True: drop bad slices and list them instead of stopping
 device = "auto"
 batch_size = 64
 # ----------------------------------------------------------------------------------------------------------------
+config_keys = block_names(globals())
 TYPES = {"checkpoint": (str,), "data_dir": (str,), "out_dir": (str,)}
+RANGES = [(("n_show", ), lambda v: v >= 0, "0 or more"), (("batch_size",), lambda v: v >= 1, "at least 1"),
+          (("split",), lambda v: v in dataset.SPLITS, " or ".join(dataset.SPLITS))]
 
 
 def split_files(ckpt_path, ckpt, data_dir, split):
@@ -69,17 +73,14 @@ def write_per_slice(path, files, scores):
 
 
 def main():
-    apply_overrides(globals(), sys.argv[1:], bare_true=("save_nifti",), types=TYPES)
-    if split not in dataset.SPLITS:
-        sys.exit(f"error: --split={split}: expected one of {', '.join(dataset.SPLITS)}")
+    check_ranges(configure(globals(), config_keys, sys.argv[1:], bare_true=("save_nifti",), types=TYPES), RANGES)
     dev = pick_device(device)
     ckpt_path = find_checkpoint(checkpoint, "runs/*/best_model.pt")
-    model, ckpt = load_model(ckpt_path, dev)
-    try:
-        p = dataset.prepare(split_files(ckpt_path, ckpt, data_dir, split), None, skip_bad, desc=split)
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    model, ckpt = load_model(ckpt_path, dev, kind="vqvae")
+    p = dataset.prepare(split_files(ckpt_path, ckpt, data_dir, split), None, skip_bad, desc=split)
     out = out_dir or os.path.join(os.path.dirname(ckpt_path), f"predict_{split}")
+    if os.path.isfile(out):
+        raise DataError(f"--out_dir={out}: is a file, not a folder")
     os.makedirs(out, exist_ok=True)
 
     rec, scores, means = evaluate_split(model, p, dev, batch_size)
@@ -99,4 +100,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DataError as e:
+        sys.exit(f"error: {e}")

@@ -17,8 +17,8 @@ import torch
 
 import dataset
 from modules import load_model
-from utils import (DataError, apply_overrides, find_checkpoint, nearest_ssim, pick_device, plot_grid,
-                   reconstruct)
+from utils import (DataError, block_names, check_ranges, configure, find_checkpoint, nearest_ssim, pick_device,
+                   plot_grid, reconstruct)
 
 # ----------------------------------------------------------------------------------------------------------------
 prior_checkpoint = None  # None = the newest runs/*/best_prior.pt
@@ -31,7 +31,10 @@ out_dir = None           # None = <prior run>/samples
 device = "auto"
 batch_size = 64
 # ----------------------------------------------------------------------------------------------------------------
+config_keys = block_names(globals())
 TYPES = {"prior_checkpoint": (str,), "out_dir": (str,)}
+RANGES = [(("n_samples", "n_reference", "batch_size"), lambda v: v >= 1, "at least 1"),
+          (("temperature",), lambda v: v > 0, "positive"), (("top_k",), lambda v: v >= 0, "0 or more")]
 
 
 def quartiles(a):
@@ -51,11 +54,8 @@ def draw(prior, vqvae, dev):
 def novelty(x, vqvae, splits, cache_dir, dev):
     """Each sample's SSIM to its nearest training slice, beside the same for validation slices (as stored, and as
     the VQ-VAE reconstructs them) -> (novelty dict, nearest training index per sample, the training slices)."""
-    try:
-        train = dataset.prepare(splits["train"], cache_dir, True, desc="train")
-        val = dataset.prepare(splits["validate"], cache_dir, True, desc="validate")
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    train = dataset.prepare(splits["train"], cache_dir, True, desc="train")
+    val = dataset.prepare(splits["validate"], cache_dir, True, desc="validate")
     pool = torch.from_numpy(train["x"]).to(dev)[:, None]
     ref = torch.from_numpy(val["x"][np.linspace(0, len(val["x"]) - 1, min(n_reference, len(val["x"]))).astype(int)])
     s_samples, nearest = nearest_ssim(x, pool)
@@ -84,12 +84,14 @@ def write_samples(out, imgs, s_samples, nearest, train_x, affine):
 
 
 def main():
-    apply_overrides(globals(), sys.argv[1:], types=TYPES)
+    check_ranges(configure(globals(), config_keys, sys.argv[1:], types=TYPES), RANGES)
     dev = pick_device(device)
     path = find_checkpoint(prior_checkpoint, "runs/*/best_prior.pt")
-    prior, ckpt = load_model(path, dev)
-    vqvae, _ = load_model(ckpt["vqvae_checkpoint"], dev)
+    prior, ckpt = load_model(path, dev, kind="prior")
+    vqvae, _ = load_model(ckpt["vqvae_checkpoint"], dev, kind="vqvae")
     out = out_dir or os.path.join(os.path.dirname(path), "samples")
+    if os.path.isfile(out):
+        raise DataError(f"--out_dir={out}: is a file, not a folder")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(os.path.dirname(ckpt["vqvae_checkpoint"]), "splits.json")) as f:
         splits = json.load(f)
@@ -108,4 +110,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DataError as e:
+        sys.exit(f"error: {e}")

@@ -9,6 +9,7 @@ Every epoch is validated (SSIM/PSNR for the VQ-VAE, bits per code for the prior)
 Every name in the block below can be overridden as --name=value.
 """
 import csv
+import glob
 import hashlib
 import json
 import math
@@ -25,9 +26,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import dataset
-from modules import VQVAE, CodePrior, load_model
-from utils import (DataError, apply_overrides, atomic_torch_save, entropy, evaluate_split, newest, pick_device,
-                   plot_curves, plot_grid, plot_reconstructions, psnr_torch, reconstruct, ssim_torch)
+from modules import VQVAE, CodePrior, load_model, read_checkpoint
+from utils import (DataError, atomic_torch_save, block_names, check_ranges, configure, entropy, evaluate_split, newest,
+                   pick_device, plot_curves, plot_grid, plot_reconstructions, psnr_torch, reconstruct,
+                   ssim_torch)
 
 # ----------------------------------------------------------------------------------------------------------------
 stage = "vqvae"            # "vqvae": the autoencoder; "prior": a transformer over a trained VQ-VAE's code grids
@@ -66,21 +68,36 @@ prior_warmup_steps = 10    # a short prior run has only a few hundred steps
 warmup_steps = 100         # VQ-VAE stage
 grad_clip = 1.0
 # run
-out_dir = None             # None = runs/YYYYmmdd-HHMMSS
+out_dir = None             # None = a new runs/YYYYmmdd-HHMMSS; an existing run is never overwritten
 seed = 1337
 device = "auto"            # auto = cuda if available, else cpu
 amp = True                 # bf16 autocast on CUDA (the quantiser stays fp32); ignored on CPU
 compile = False            # torch.compile the model
-time_limit_minutes = None  # stop cleanly after the step that crosses it, then validate and test as usual
-resume = False             # True: continue out_dir (default: the newest run); or the path of a run folder
+time_limit_minutes = None  # stop cleanly after the step that crosses it, then validate and test
+resume = False             # True: continue out_dir, or the newest run if its settings match; or a run folder's path
 eval_batch_size = 64
+# --resume continues a run only with the same settings, except those that cannot change what is learnt:
+# n_epochs, prior_n_epochs, time_limit_minutes, device, amp, compile, eval_batch_size, cache_dir
 # ----------------------------------------------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))]
+config_keys = block_names(globals())
 TYPES = {k: (str,) for k in ("data_dir", "train_dir", "validate_dir", "test_dir", "cache_dir", "out_dir", "vqvae_checkpoint")}
 TYPES.update(time_limit_minutes=(float,), resume=(bool, str))
 SYNC_EVERY = 16  # steps between stop-flag exchanges under DDP
 MODEL_KEYS = ("n_hiddens", "n_residual_hiddens", "n_residual_layers", "embedding_dim", "n_embeddings", "beta",
               "ema_decay")
+SAFE_ON_RESUME = ("n_epochs", "prior_n_epochs", "time_limit_minutes", "device", "amp", "compile", "eval_batch_size",
+                  "cache_dir", "resume", "out_dir")
+RANGES = [  # checked before any data is read
+    (("n_hiddens",), lambda v: v >= 2, "at least 2"),
+    (("n_residual_hiddens", "embedding_dim", "n_embeddings", "batch_size", "n_epochs", "warmup_steps", "prior_d_model",
+      "prior_n_layers", "prior_n_heads", "prior_batch_size", "prior_n_epochs", "prior_warmup_steps", "eval_batch_size"),
+     lambda v: v >= 1, "at least 1"),
+    (("n_residual_layers", "beta", "ssim_weight", "grad_clip", "prior_window"), lambda v: v >= 0, "0 or more"),
+    (("learning_rate", "prior_learning_rate", "time_limit_minutes"), lambda v: v > 0, "positive"),
+    (("val_fraction",), lambda v: 0 < v < 1, "between 0 and 1"),
+    (("ema_decay", "prior_dropout"), lambda v: 0 <= v < 1, "at least 0 and below 1"),
+    (("stage",), lambda v: v in ("vqvae", "prior"), "vqvae or prior"),
+]
 
 
 # ---- where this process runs and writes ---------------------------------------------------------------------------
@@ -137,42 +154,94 @@ def setup_run(config):
 
 
 def output_folder(run, config):
-    """The folder to resume (--resume=RUN, or out_dir, or the newest run), the given out_dir, or a new one."""
-    if isinstance(config["resume"], str):
-        return config["resume"]
-    if config["resume"]:
-        found = config["out_dir"] or os.path.dirname(newest("runs/*/last.pt") or "")
-        if not found:
-            sys.exit("error: --resume=True: no runs/*/last.pt to resume; give --out_dir or --resume=RUN_FOLDER")
-        return found
-    return config["out_dir"] or os.path.join("runs", run.broadcast(time.strftime("%Y%m%d-%H%M%S")))
+    """The run's folder, decided on rank 0 and shared: the run to resume, the given out_dir, or a new one."""
+    try:
+        out = (resume_folder(config) if config["resume"] else claim_folder(config["out_dir"])) if run.master else None
+    except DataError as e:
+        out = e
+    out = run.broadcast(out)
+    if isinstance(out, DataError):
+        raise out
+    return out
+
+
+def resume_folder(config):
+    """--resume=RUN, or --resume=True: out_dir when given, else the newest run of this stage (whose settings
+    load_resume_state then checks against this command's)."""
+    out = config["resume"] if isinstance(config["resume"], str) else config["out_dir"]
+    if not out:
+        runs = sorted(glob.glob("runs/*/last.pt"), key=os.path.getmtime, reverse=True)
+        out = next((os.path.dirname(p) for p in runs if read_checkpoint(p, mmap=True).get("stage") == config["stage"]),
+                   None)
+    if not out:
+        raise DataError(f"--resume=True: no {config['stage']} run under runs/ to resume; give --out_dir or "
+                        "--resume=RUN_FOLDER")
+    if not os.path.exists(os.path.join(out, "last.pt")):
+        raise DataError(f"--resume: {os.path.join(out, 'last.pt')} not found")
+    return out
+
+
+def claim_folder(out_dir):
+    """Create the output folder of a new run. A given out_dir must not hold a run (a last.pt); without one, a new
+    runs/<timestamp>, with -2, -3, ... when runs started in the same second: creating it is the atomic claim."""
+    if out_dir:
+        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+            raise DataError(f"--out_dir={out_dir}: is a file, not a folder")
+        if os.path.exists(os.path.join(out_dir, "last.pt")):
+            raise DataError(f"--out_dir={out_dir}: already holds a run; continue it with --resume=True, or choose "
+                            "another --out_dir")
+        os.makedirs(out_dir, exist_ok=True)
+        return out_dir
+    stamp = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    for n in range(1, 1000):
+        out = stamp if n == 1 else f"{stamp}-{n}"
+        try:
+            os.makedirs(out)
+            return out
+        except FileExistsError:
+            continue
+    raise DataError(f"{stamp}: no free run folder name")
 
 
 def load_resume_state(run, config):
-    """last.pt of the run being resumed, or None for a new run."""
+    """last.pt of the run being resumed (None for a new run), refused unless its settings match this command's.
+    The best score comes from the best checkpoint itself, so a run killed between the two files stays consistent."""
     if not config["resume"]:
         return None
     path = run.path("last.pt")
-    if not os.path.exists(path):
-        sys.exit(f"error: --resume: {path} not found")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_checkpoint(path)
+    if "config" not in state:
+        raise DataError(f"--resume: {path} keeps no record of its settings, so what it continues cannot be checked")
     if state["stage"] != config["stage"]:
-        sys.exit(f"error: --resume: {path} is a {state['stage']} run; add --stage={state['stage']}")
+        raise DataError(f"--resume: {path} is a {state['stage']} run; add --stage={state['stage']}")
+    differences = [f"{k}={state['config'].get(k)!r} there, {v!r} here" for k, v in config.items()
+                   if k not in SAFE_ON_RESUME and state["config"].get(k) != v]
+    if differences:
+        raise DataError(f"--resume: will not continue {run.out}, its settings differ: {'; '.join(differences)}")
+    best = run.path("best_model.pt" if config["stage"] == "vqvae" else "best_prior.pt")
+    state["best"] = read_checkpoint(best)["score"] if os.path.exists(best) else -math.inf
     return state
+
+
+def check_same_data(run, state, data):
+    """On resume, the data must be what the run was trained on: the same root and the same files in each split."""
+    if state is None:
+        return
+    differences = [f"the {k} files differ" if isinstance(v, list) else f"{k} {state['data'].get(k)} there, {v} here"
+                   for k, v in data.items() if state["data"].get(k) != v]
+    if differences:
+        raise DataError(f"--resume: will not continue {run.out} on other data: {'; '.join(differences)}")
 
 
 def prepare_splits(run, splits, names, config):
     """Read, check and normalise the named splits (rank 0 fills the cache first); one-line errors, exit 1."""
-    try:
-        prepared = {}
-        for s in names:
-            if not run.master:
-                run.barrier()
-            prepared[s] = dataset.prepare(splits[s], config["cache_dir"], config["skip_bad"], desc=s)
-            if run.master:
-                run.barrier()
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    prepared = {}
+    for s in names:
+        if not run.master:
+            run.barrier()
+        prepared[s] = dataset.prepare(splits[s], config["cache_dir"], config["skip_bad"], desc=s)
+        if run.master:
+            run.barrier()
     skipped = [m for p in prepared.values() for m in p["skipped"]]
     if run.master and skipped:
         with open(run.path("skipped.txt"), "w") as f:
@@ -194,7 +263,7 @@ def fit_settings(config):
     return SimpleNamespace(lr=config[p + "learning_rate"], warmup=config[p + "warmup_steps"],
                            batch_size=config[p + "batch_size"], n_epochs=config[p + "n_epochs"],
                            grad_clip=config["grad_clip"], compile=config["compile"], seed=config["seed"],
-                           time_limit_minutes=config["time_limit_minutes"], stage=config["stage"])
+                           time_limit_minutes=config["time_limit_minutes"])
 
 
 class StopRule:
@@ -247,10 +316,11 @@ def restore(state, model, optimizer, run):
     return {k: state[k] for k in ("epoch", "step_in_epoch", "global_step", "rows", "best", "elapsed", "accum")}
 
 
-def save_last(run, model, optimizer, position, stage):
-    """Everything needed to continue exactly at `position`; written atomically."""
+def save_last(run, model, optimizer, position, record):
+    """Everything needed to continue exactly at `position`, with the record (stage, config, data) that --resume
+    checks; written atomically."""
     state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), rng_cpu=torch.get_rng_state(),
-                 stage=stage, **position)
+                 **record, **position)
     if run.dev.type == "cuda":
         state["rng_cuda"] = torch.cuda.get_rng_state()
     atomic_torch_save(state, run.path("last.pt"))
@@ -276,11 +346,12 @@ def check_ranks_agree(run, model):
             f"{run.world} ranks: {' '.join(digests)}")
 
 
-def fit(run, model, x_train, train_loss, validate, on_best, hp, state=None):
+def fit(run, model, x_train, train_loss, validate, on_best, hp, record, state=None):
     """Train `model` on x_train (device tensor) with the settings hp (fit_settings), from `state` (last.pt) if given.
 
     train_loss(net, batch) -> (loss, logged scalar); validate(model) -> dict of floats with 'score' (higher is
-    better); on_best(epoch, metrics) writes the best checkpoint and figures. Returns True if stopped by SIGTERM."""
+    better); on_best(epoch, metrics) writes the best checkpoint and figures; record (stage, config, data) goes into
+    every last.pt. Returns True if stopped by SIGTERM."""
     dev = run.dev
     optimizer = torch.optim.AdamW(model.parameters(), lr=hp.lr, betas=(0.9, 0.99), weight_decay=0.0,
                                   fused=dev.type == "cuda")
@@ -324,7 +395,7 @@ def fit(run, model, x_train, train_loss, validate, on_best, hp, state=None):
         if reason == "signal":  # save the position inside the epoch and leave; --resume continues from it
             if run.master:
                 save_last(run, model, optimizer, dict(pos, epoch=epoch, step_in_epoch=i + 1, elapsed=stop.elapsed(),
-                                                      accum=accum.cpu()), hp.stage)
+                                                      accum=accum.cpu()), record)
             run.log(f"SIGTERM: saved {run.path('last.pt')} at epoch {epoch} step {i + 1}; "
                     f"continue with --resume={run.out}")
             return True
@@ -341,13 +412,14 @@ def fit(run, model, x_train, train_loss, validate, on_best, hp, state=None):
         del row["score"]
         pos["rows"].append(row)
         run.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-        # keep the best model, then last.pt (it holds the rows, so the files after it can be redone), then the files
+        # last.pt first (it holds the rows, so every file after it can be redone), then the best model and the files
         if run.master:
-            if metrics["score"] > pos["best"]:
-                pos["best"] = metrics["score"]
-                on_best(epoch, metrics)
+            improved = metrics["score"] > pos["best"]
+            pos["best"] = max(pos["best"], metrics["score"])
             save_last(run, model, optimizer, dict(pos, epoch=epoch + 1, step_in_epoch=0, elapsed=stop.elapsed(),
-                                                  accum=torch.zeros(2)), hp.stage)
+                                                  accum=torch.zeros(2)), record)
+            if improved:
+                on_best(epoch, metrics)
             write_epoch_files(run, pos["rows"])
         if reason == "time":
             run.log(f"time limit of {hp.time_limit_minutes} min reached in epoch {epoch}")
@@ -400,12 +472,9 @@ def train_vqvae(run, config, state):
     c = SimpleNamespace(**config)
     root = c.data_dir if (c.data_dir or c.train_dir) else dataset.ensure_demo() if run.master else dataset.DEMO_ROOT
     run.barrier()
-    try:
-        splits = dataset.find_splits(root, c.train_dir, c.validate_dir, c.test_dir, c.val_fraction, c.seed)
-    except DataError as e:
-        sys.exit(f"error: {e}")
-    if run.master:
-        os.makedirs(run.out, exist_ok=True)
+    splits = dataset.find_splits(root, c.train_dir, c.validate_dir, c.test_dir, c.val_fraction, c.seed)
+    data = dict(root=os.path.abspath(root), **splits)
+    check_same_data(run, state, data)
     prepared = prepare_splits(run, splits, list(splits), config)
     if run.master:
         write_split_files(run, root, prepared)
@@ -419,33 +488,40 @@ def train_vqvae(run, config, state):
     if run.dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
 
-    def figure(name, title):
-        n = min(6, len(x_val))
-        model.eval()
-        rec, _ = reconstruct(model, prepared["validate"]["x"][:n], run.dev)
-        model.train()
-        plot_reconstructions(prepared["validate"]["x"][:n], rec, run.path(name), title)
-
     def on_best(epoch, m):
         atomic_torch_save(dict(kind="vqvae", model=model.state_dict(), model_args=model_args, config=config, epoch=epoch,
-                               val_ssim=m["val_ssim"], data_root=os.path.abspath(root), image_size=[dataset.H, dataset.W],
+                               val_ssim=m["val_ssim"], score=m["score"], data_root=os.path.abspath(root),
+                               image_size=[dataset.H, dataset.W],
                                normalisation="per-slice min-max to [0, 1]; x * (hi - lo) + lo restores units"),
                           run.path("best_model.pt"))
-        figure("recon_best.png", f"validation, best epoch {epoch}, SSIM {m['val_ssim']:.4f}")
+        plot_validation(run, model, prepared["validate"]["x"], "recon_best.png",
+                        f"validation, best epoch {epoch}, SSIM {m['val_ssim']:.4f}")
         if epoch == 0:
-            figure("recon_epoch0.png", f"validation, epoch 0, SSIM {m['val_ssim']:.4f}")
+            plot_validation(run, model, prepared["validate"]["x"], "recon_epoch0.png",
+                            f"validation, epoch 0, SSIM {m['val_ssim']:.4f}")
 
     interrupted = fit(run, model, x_train, lambda net, xb: vqvae_loss(net, xb, c.ssim_weight),
                       lambda net: validate_vqvae(run, net, x_val, c.n_embeddings, c.eval_batch_size), on_best,
-                      fit_settings(config), state)
-    if interrupted or not run.master or "test" not in prepared:
+                      fit_settings(config), dict(stage="vqvae", config=config, data=data), state)
+    if interrupted or not run.master:
         return
-    test_best_model(run, prepared["test"], c.eval_batch_size)
+    best, ckpt = load_model(run.path("best_model.pt"), run.dev, kind="vqvae")
+    if "test" not in prepared:
+        run.log(f"no test split (no keras_slices_test folder under {root}, no --test_dir): the test is skipped")
+        return
+    test_best_model(run, best, ckpt, prepared["test"], c.eval_batch_size)
 
 
-def test_best_model(run, p, batch_size):
+def plot_validation(run, model, x, name, title):
+    """Originals, reconstructions and errors of the first validation slices; the model's train/eval mode is kept."""
+    was_training = model.training
+    rec, _ = reconstruct(model.eval(), x[:6], run.dev)
+    model.train(was_training)
+    plot_reconstructions(x[:6], rec, run.path(name), title)
+
+
+def test_best_model(run, best, ckpt, p, batch_size):
     """The best model on the test split, scored with the reference metric (scikit-image); it never chooses a model."""
-    best, ckpt = load_model(run.path("best_model.pt"), run.dev)
     rows = list(csv.DictReader(open(run.path("metrics.csv"))))
     rec, _, means = evaluate_split(best, p, run.dev, batch_size)
     result = dict(**means, best_epoch=ckpt["epoch"], val_ssim=ckpt["val_ssim"], epochs=len(rows),
@@ -476,14 +552,14 @@ def validate_prior(run, model, codes_val, unigram_val, batch_size):
 def train_prior(run, config, state):
     c = SimpleNamespace(**config)
     vq_path = c.vqvae_checkpoint or newest("runs/*/best_model.pt")
-    if vq_path is None or not os.path.exists(str(vq_path)):
-        sys.exit(f"error: --stage=prior needs a trained VQ-VAE: {vq_path or 'no runs/*/best_model.pt'} not found")
+    if vq_path is None:
+        raise DataError("--stage=prior needs a trained VQ-VAE: no runs/*/best_model.pt; give --vqvae_checkpoint")
     vq_path = os.path.abspath(vq_path)
-    vqvae, vq_ckpt = load_model(vq_path, run.dev)
+    vqvae, vq_ckpt = load_model(vq_path, run.dev, kind="vqvae")
     with open(os.path.join(os.path.dirname(vq_path), "splits.json")) as f:
         splits = json.load(f)  # the VQ-VAE's own patient split
-    if run.master:
-        os.makedirs(run.out, exist_ok=True)
+    data = dict(vqvae_checkpoint=vq_path, train=splits["train"], validate=splits["validate"])
+    check_same_data(run, state, data)
     prepared = prepare_splits(run, splits, ["train", "validate"], config)
     # encode once with the frozen VQ-VAE; the code grids live on the device
     codes = {s: torch.from_numpy(reconstruct(vqvae, prepared[s]["x"], run.dev, c.eval_batch_size)[1]).to(run.dev)
@@ -505,19 +581,19 @@ def train_prior(run, config, state):
 
     def on_best(epoch, m):
         atomic_torch_save(dict(kind="prior", model=model.state_dict(), model_args=model_args, config=config,
-                               epoch=epoch, val_bits_per_code=m["val_bits_per_code"], unigram_bits_per_code=unigram_val,
-                               vqvae_checkpoint=vq_path), run.path("best_prior.pt"))
+                               epoch=epoch, val_bits_per_code=m["val_bits_per_code"], score=m["score"],
+                               unigram_bits_per_code=unigram_val, vqvae_checkpoint=vq_path), run.path("best_prior.pt"))
 
     fit(run, model, codes["train"], prior_loss,
         lambda net: validate_prior(run, net, codes["validate"], unigram_val, c.eval_batch_size), on_best,
-        fit_settings(config), state)
+        fit_settings(config), dict(stage="prior", config=config, data=data), state)
 
 
 def main():
-    apply_overrides(globals(), sys.argv[1:], types=TYPES)
-    config = {k: globals()[k] for k in config_keys}
-    if config["stage"] not in ("vqvae", "prior"):
-        sys.exit(f"error: --stage={config['stage']}: expected vqvae or prior")
+    config = configure(globals(), config_keys, sys.argv[1:], types=TYPES)
+    check_ranges(config, RANGES)
+    if config["prior_d_model"] % config["prior_n_heads"]:
+        raise DataError(f"--prior_d_model={prior_d_model} must be a multiple of --prior_n_heads={prior_n_heads}")
     run = setup_run(config)
     config["out_dir"] = run.out
     state = load_resume_state(run, config)
@@ -528,4 +604,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DataError as e:
+        sys.exit(f"error: {e}")

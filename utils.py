@@ -20,7 +20,8 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 
 class DataError(ValueError):
-    """A bad input file or folder; the message is one line that names it and the problem."""
+    """A bad input: a data file or folder, a checkpoint, an option. The message is one line that names it and the
+    problem; each script's entry point prints it as `error: ...` and exits with status 1."""
 
 
 def read_nifti(path):
@@ -224,8 +225,16 @@ def plot_curves(rows, out):
 # ---- helpers ----------------------------------------------------------------------------------------------------
 
 def pick_device(name="auto"):
-    """'auto' -> cuda if available, else cpu; otherwise the named device."""
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    """'auto' -> cuda if available, else cpu; otherwise the named device, which must exist here."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise DataError(f"--device={name}: not a device name (auto, cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"--device={name}: CUDA is not available on this machine; use --device=cpu or auto")
+    return dev
 
 
 def atomic_torch_save(obj, path):
@@ -242,13 +251,32 @@ def newest(pattern):
 
 
 def find_checkpoint(path, pattern):
-    """The given checkpoint path, or the newest match of pattern; exits with one line if there is none."""
+    """The given checkpoint path, or the newest match of pattern."""
     path = path or newest(pattern)
     if path is None:
-        sys.exit(f"error: no checkpoint given and none found as {pattern}; train first")
-    if not os.path.exists(path):
-        sys.exit(f"error: {path}: checkpoint not found")
+        raise DataError(f"no checkpoint given and none found as {pattern}; train first")
     return path
+
+
+def check_ranges(config, rules):
+    """rules: [(names, test, wording)]; every setting that fails its test, in one DataError line."""
+    bad = [f"--{k}={config[k]} must be {wording}" for names, test, wording in rules for k in names
+           if config[k] is not None and not test(config[k])]
+    if bad:
+        raise DataError("; ".join(bad))
+
+
+def block_names(namespace):
+    """The names of a script's hyperparameter block: its public plain values so far (numbers, strings, bools, None).
+    Called right after the block, so that modules, functions and later constants are not options."""
+    return [k for k, v in namespace.items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))]
+
+
+def configure(namespace, names, argv, bare_true=(), types=None):
+    """Apply `--name=value` overrides to the block's `names` in a script's globals -> the resulting config dict."""
+    config = apply_overrides({k: namespace[k] for k in names}, argv, bare_true, types)
+    namespace.update(config)
+    return config
 
 
 def apply_overrides(config, argv, bare_true=(), types=None):
