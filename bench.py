@@ -2,15 +2,20 @@
 
     python bench.py                                   # train.py's defaults, on cuda if present, else cpu
     python bench.py --n_hiddens=128 --batch_size=8 --device=cpu
+    python bench.py --compile=True                    # the training step through torch.compile (inductor)
     python bench.py --prep=True                       # also time data preparation on a study-sized phantom
     python bench.py --sample_n=0                      # skip timing the prior (training and sampling)
 
-Training, inference and validation-metric throughput use random 256x128 slices on the device; preparation
-timing writes the phantom once to data/study (11,460 + 660 + 540 slices) and times a cold and a cached load.
+Training, inference and validation-metric throughput use random 256x128 slices on the device. The per-epoch
+overhead runs train.py's own validation, last.pt writing and epoch files on a study-sized validation split (660
+slices), beside the time of one study-sized epoch of training steps (11,460 slices). Preparation timing writes
+the phantom once to data/study (11,460 + 660 + 540 slices) and times a cold and a cached load.
 """
+import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 
 import torch
@@ -21,37 +26,43 @@ from modules import VQVAE, CodePrior
 from utils import apply_overrides, pick_device, psnr_torch, ssim_torch
 
 config = {k: getattr(train, k) for k in train.config_keys}
-config.update(steps=20, warmup=3, prep=False, eval_batch_size=64, sample_n=8)
+config.update(steps=20, warmup=3, prep=False, sample_n=8)
 apply_overrides(config, sys.argv[1:], types=train.TYPES)
 dev = pick_device(config["device"])
 cuda = dev.type == "cuda"
 if cuda:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-STUDY_SIZES = {"train": 11460, "validate": 660, "test": 540}
+autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=config["amp"] and cuda)
+
+
+def sync():
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def seconds(fn):
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
 
 
 def timed(fn, n_items):
-    """Items per second of fn over config['steps'] calls, after warm-up, with the device synchronised."""
+    """Items per second of fn over config['steps'] calls, after config['warmup'] calls (compilation among them)."""
     for _ in range(config["warmup"]):
         fn()
-    if cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(config["steps"]):
-        fn()
-    if cuda:
-        torch.cuda.synchronize()
-    return config["steps"] * n_items / (time.perf_counter() - t0)
+    return config["steps"] * n_items / seconds(lambda: [fn() for _ in range(config["steps"])])
 
 
-def main():
+def bench_vqvae(rows):
+    """The training step (train.py's loss, optimiser and settings), inference and the validation metric."""
     torch.manual_seed(0)
     model = VQVAE(**{k: config[k] for k in train.MODEL_KEYS}).to(dev)
     if cuda:
         model = model.to(memory_format=torch.channels_last)
     step_model = torch.compile(model) if config["compile"] else model
     opt = torch.optim.AdamW(model.parameters(), lr=config["learning_rate"], fused=cuda)
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=config["amp"] and cuda)
     bs, ebs = config["batch_size"], config["eval_batch_size"]
     x = torch.rand(bs, 1, dataset.H, dataset.W, device=dev)
     xe = torch.rand(ebs, 1, dataset.H, dataset.W, device=dev)
@@ -63,6 +74,8 @@ def main():
             loss, _ = train.vqvae_loss(step_model, x, config["ssim_weight"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if config["grad_clip"]:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
         opt.step()
 
     @torch.no_grad()
@@ -70,9 +83,7 @@ def main():
         with autocast:
             return model.eval()(xe)[0]
 
-    rows = [("device", str(torch.cuda.get_device_name(dev) if cuda else f"cpu ({torch.get_num_threads()} threads)")),
-            ("model", f"n_hiddens={config['n_hiddens']} n_residual_layers={config['n_residual_layers']} "
-                      f"batch_size={bs} amp={config['amp'] and cuda} compile={config['compile']}")]
+    rows.append(("first training step (compiles with --compile=True)", f"{seconds(train_step):.1f} s"))
     train_ips = timed(train_step, bs)
     rows.append(("train images/s", f"{train_ips:.1f}"))
     rows.append(("inference images/s", f"{timed(infer, ebs):.1f}"))
@@ -80,54 +91,100 @@ def main():
     rows.append(("validation SSIM+PSNR images/s", f"{timed(lambda: (ssim_torch(xe, y), psnr_torch(xe, y)), ebs):.0f}"))
     if cuda:
         rows.append(("peak GPU memory (train+infer)", f"{torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB"))
-        from torch.utils.flop_counter import FlopCounterMode
-        with FlopCounterMode(display=False) as fc:
-            train_step()
-        flops = fc.get_total_flops() / bs
-        rows.append(("train FLOPs per image", f"{flops / 1e9:.2f} GFLOP"))
-        peak = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-        name = torch.cuda.get_device_name(dev)
-        p = next((v for k, v in peak.items() if k in name), None)
-        if p:
-            rows.append(("fraction of dense bf16 peak", f"{train_ips * flops / p:.1%}"))
+        rows.extend(flop_rows(train_step, train_ips, bs))
     else:
         import resource
-        rows.append(("peak host memory (RSS, model steps)", f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"))
-    if config["sample_n"]:  # the prior with train.py's prior_* settings: training steps, then sampling + decoding
-        prior = CodePrior(config["n_embeddings"], (dataset.H // 4, dataset.W // 4), config["prior_d_model"],
-                          config["prior_n_layers"], config["prior_n_heads"], window=config["prior_window"]).to(dev)
-        what = f"(d_model {config['prior_d_model']}, {config['prior_n_layers']} layers, window {config['prior_window']})"
-        prior_opt = torch.optim.AdamW(prior.parameters(), lr=config["prior_learning_rate"], fused=cuda)
-        grids = torch.randint(config["n_embeddings"], (config["prior_batch_size"], *prior.grid), device=dev)
+        rows.append(("peak host memory (RSS, model steps)",
+                     f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"))
+    return model, opt, train_ips
 
-        def prior_step():
-            with autocast:
-                loss = prior(grids)
-            prior_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            prior_opt.step()
-        rows.append((f"prior training code grids/s {what}", f"{timed(prior_step, config['prior_batch_size']):.1f}"))
-        prior.eval()
-        t0 = time.perf_counter()
+
+def flop_rows(train_step, train_ips, bs):
+    """FLOPs per image of the training step, and the fraction of the GPU's dense bf16 peak that is reached."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as fc:
+        train_step()
+    flops = fc.get_total_flops() / bs
+    rows = [("train FLOPs per image", f"{flops / 1e9:.2f} GFLOP")]
+    name = torch.cuda.get_device_name(dev)
+    peak = next((v for k, v in {"H100": 989e12, "H200": 989e12, "A100": 312e12}.items() if k in name), None)
+    if peak:
+        rows.append(("fraction of dense bf16 peak", f"{train_ips * flops / peak:.1%}"))
+    return rows
+
+
+def bench_epoch_overhead(rows, model, opt, train_ips):
+    """What a study-sized epoch spends outside its training steps, through train.py's own functions."""
+    run = train.Run(False, 0, 1, dev, autocast)
+    run.out = tempfile.mkdtemp()
+    x_val = torch.rand(dataset.STUDY_SIZES["validate"], 1, dataset.H, dataset.W, device=dev)
+    epoch_rows = [dict(epoch=e, steps=e, train_loss=0.01, val_ssim=0.9, val_psnr=30.0, codebook_usage=1.0,
+                       perplexity=300.0, lr=1e-3, seconds=2.0) for e in range(config["n_epochs"])]
+    position = dict(epoch=1, step_in_epoch=0, global_step=1, rows=epoch_rows, best=0.9, elapsed=1.0, accum=torch.zeros(2))
+    record = dict(stage="vqvae", config=config, data=dict(root="", train=["f"] * dataset.STUDY_SIZES["train"]))
+    took = dict(validation=seconds(lambda: train.validate_vqvae(run, model.eval(), x_val, config["n_embeddings"],
+                                                                 config["eval_batch_size"])),
+                last_pt=seconds(lambda: train.save_last(run, model, opt, position, record)),
+                metrics_csv=seconds(lambda: train.write_epoch_files(run, epoch_rows, curves=False)))
+    curves = seconds(lambda: train.write_epoch_files(run, epoch_rows, curves=True)) - took["metrics_csv"]
+    shutil.rmtree(run.out)
+    per_epoch = sum(took.values()) + curves / config["plot_every"]
+    steps = math.ceil(dataset.STUDY_SIZES["train"] / config["batch_size"]) * config["batch_size"] / train_ips
+    rows.extend([("epoch overhead: validation (660 slices)", f"{took['validation']:.2f} s"),
+                 ("epoch overhead: last.pt, metrics.csv", f"{took['last_pt']:.2f} s, {took['metrics_csv']:.3f} s"),
+                 (f"epoch overhead: curves (every {config['plot_every']} epochs)", f"{curves:.2f} s"),
+                 ("epoch overhead in all, against the training steps of a study epoch",
+                  f"{per_epoch:.2f} s against {steps:.1f} s ({per_epoch / steps:.1%})")])
+
+
+def bench_prior(rows, vqvae):
+    """The prior with train.py's prior_* settings: training steps, then sampling with decoding."""
+    prior = CodePrior(config["n_embeddings"], (dataset.H // 4, dataset.W // 4), config["prior_d_model"],
+                      config["prior_n_layers"], config["prior_n_heads"], window=config["prior_window"]).to(dev)
+    what = f"(d_model {config['prior_d_model']}, {config['prior_n_layers']} layers, window {config['prior_window']})"
+    opt = torch.optim.AdamW(prior.parameters(), lr=config["prior_learning_rate"], fused=cuda)
+    grids = torch.randint(config["n_embeddings"], (config["prior_batch_size"], *prior.grid), device=dev)
+
+    def prior_step():
         with autocast:
-            model.decode(prior.sample(config["sample_n"], generator=torch.Generator(device=dev).manual_seed(0)))
-        if cuda:
-            torch.cuda.synchronize()
-        rows.append((f"prior sampling, batch of {config['sample_n']}, with decoding {what}",
-                     f"{(time.perf_counter() - t0) / config['sample_n']:.2f} s/slice"))
+            loss = prior(grids)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    rows.append((f"prior training code grids/s {what}", f"{timed(prior_step, config['prior_batch_size']):.1f}"))
+    prior.eval()
+    gen = torch.Generator(device=dev).manual_seed(0)
+    with autocast:
+        took = seconds(lambda: vqvae.decode(prior.sample(config["sample_n"], generator=gen)))
+    rows.append((f"prior sampling, batch of {config['sample_n']}, with decoding {what}",
+                 f"{took / config['sample_n']:.2f} s/slice"))
+
+
+def bench_prep(rows):
+    """Cold and cached preparation of the study-sized phantom, as train.py does it."""
+    root = dataset.ensure_demo(dataset.STUDY_ROOT, dataset.STUDY_SIZES)
+    cache = os.path.join(dataset.REPO, "data", "bench_cache")
+    shutil.rmtree(cache, ignore_errors=True)
+    splits = dataset.find_splits(root)
+    n = sum(len(f) for f in splits.values())
+    for label in ("data preparation, cold", "data preparation, cached"):
+        t0 = time.perf_counter()
+        for s, files in splits.items():  # as train.py does: prepare, then the split as a tensor on the device
+            x = torch.from_numpy(dataset.prepare(files, cache, desc=s)["x"]).to(dev)
+            float(x.sum())  # touch every page of a mapped cache, so its reading is counted
+        rows.append((f"{label} ({n} slices)", f"{time.perf_counter() - t0:.1f} s"))
+
+
+def main():
+    rows = [("device", str(torch.cuda.get_device_name(dev) if cuda else f"cpu ({torch.get_num_threads()} threads)")),
+            ("model", f"n_hiddens={config['n_hiddens']} n_residual_layers={config['n_residual_layers']} "
+                      f"batch_size={config['batch_size']} amp={config['amp'] and cuda} compile={config['compile']}")]
+    model, opt, train_ips = bench_vqvae(rows)
+    bench_epoch_overhead(rows, model, opt, train_ips)
+    if config["sample_n"]:
+        bench_prior(rows, model)
     if config["prep"]:
-        root = os.path.join(dataset.REPO, "data", "study")
-        dataset.ensure_demo(root, STUDY_SIZES)
-        cache = os.path.join(dataset.REPO, "data", "bench_cache")
-        shutil.rmtree(cache, ignore_errors=True)
-        splits = dataset.find_splits(root)
-        n = sum(len(f) for f in splits.values())
-        for label in ("data preparation, cold", "data preparation, cached"):
-            t0 = time.perf_counter()
-            for s, files in splits.items():  # as train.py does: prepare, then the split as a tensor on the device
-                x = torch.from_numpy(dataset.prepare(files, cache, desc=s)["x"]).to(dev)
-                float(x.sum())  # touch every page of a mapped cache, so its reading is counted
-            rows.append((f"{label} ({n} slices)", f"{time.perf_counter() - t0:.1f} s"))
+        bench_prep(rows)
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
 

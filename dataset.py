@@ -22,6 +22,8 @@ SPLITS = ("train", "validate", "test")
 REPO = os.path.dirname(os.path.abspath(__file__))
 DEMO_ROOT = os.path.join(REPO, "data", "demo")
 DEMO_SIZES = {"train": 640, "validate": 80, "test": 60}
+STUDY_ROOT = os.path.join(REPO, "data", "study")  # the phantom at the study's size, for timings (bench.py, slurm/)
+STUDY_SIZES = {"train": 11460, "validate": 660, "test": 540}
 PREP_VERSION = 1  # bump when load_slice changes, so old caches are never used
 
 

@@ -97,7 +97,7 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def ema_update(self, flat, idx):
-        counts = torch.bincount(idx, minlength=self.n_embeddings).float()
+        counts = code_counts(idx, self.n_embeddings)
         sums = torch.zeros_like(self.embed_sum).index_add_(0, idx, flat)
         candidates = flat[torch.randint(0, flat.shape[0], (self.n_embeddings,), device=flat.device)]
         if dist.is_available() and dist.is_initialized():
@@ -133,6 +133,13 @@ class VectorQuantizer(nn.Module):
     def lookup(self, idx):
         """Code indices (N, h, w) -> code vectors (N, D, h, w)."""
         return self.embedding[idx].permute(0, 3, 1, 2)
+
+
+def code_counts(idx, n_codes, dtype=torch.float32):
+    """How often each of n_codes occurs in idx. Unlike torch.bincount on CUDA, it does not read the largest index
+    back to the host, so the training step has no host synchronisation."""
+    flat = idx.reshape(-1)
+    return torch.zeros(n_codes, dtype=dtype, device=idx.device).index_add_(0, flat, torch.ones_like(flat, dtype=dtype))
 
 
 class VQVAE(nn.Module):

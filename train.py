@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import dataset
-from modules import VQVAE, CodePrior, load_model, read_checkpoint
+from modules import VQVAE, CodePrior, code_counts, load_model, read_checkpoint
 from utils import (DataError, atomic_torch_save, block_names, check_ranges, configure, entropy, evaluate_split, newest,
                    pick_device, plot_curves, plot_grid, plot_reconstructions, psnr_torch, reconstruct,
                    ssim_torch)
@@ -76,8 +76,9 @@ compile = False            # torch.compile the model
 time_limit_minutes = None  # stop cleanly after the step that crosses it, then validate and test
 resume = False             # True: continue out_dir, or the newest run if its settings match; or a run folder's path
 eval_batch_size = 64
+plot_every = 10            # epochs between redraws of the curves (also drawn at the last epoch); figures cost seconds
 # --resume continues a run only with the same settings, except those that cannot change what is learnt:
-# n_epochs, prior_n_epochs, time_limit_minutes, device, amp, compile, eval_batch_size, cache_dir
+# n_epochs, prior_n_epochs, time_limit_minutes, device, amp, compile, eval_batch_size, cache_dir, plot_every
 # ----------------------------------------------------------------------------------------------------------------
 config_keys = block_names(globals())
 TYPES = {k: (str,) for k in ("data_dir", "train_dir", "validate_dir", "test_dir", "cache_dir", "out_dir", "vqvae_checkpoint")}
@@ -86,11 +87,12 @@ SYNC_EVERY = 16  # steps between stop-flag exchanges under DDP
 MODEL_KEYS = ("n_hiddens", "n_residual_hiddens", "n_residual_layers", "embedding_dim", "n_embeddings", "beta",
               "ema_decay")
 SAFE_ON_RESUME = ("n_epochs", "prior_n_epochs", "time_limit_minutes", "device", "amp", "compile", "eval_batch_size",
-                  "cache_dir", "resume", "out_dir")
+                  "cache_dir", "plot_every", "resume", "out_dir")
 RANGES = [  # checked before any data is read
     (("n_hiddens",), lambda v: v >= 2, "at least 2"),
     (("n_residual_hiddens", "embedding_dim", "n_embeddings", "batch_size", "n_epochs", "warmup_steps", "prior_d_model",
-      "prior_n_layers", "prior_n_heads", "prior_batch_size", "prior_n_epochs", "prior_warmup_steps", "eval_batch_size"),
+      "prior_n_layers", "prior_n_heads", "prior_batch_size", "prior_n_epochs", "prior_warmup_steps", "eval_batch_size",
+      "plot_every"),
      lambda v: v >= 1, "at least 1"),
     (("n_residual_layers", "beta", "ssim_weight", "grad_clip", "prior_window"), lambda v: v >= 0, "0 or more"),
     (("learning_rate", "prior_learning_rate", "time_limit_minutes"), lambda v: v > 0, "positive"),
@@ -263,7 +265,7 @@ def fit_settings(config):
     return SimpleNamespace(lr=config[p + "learning_rate"], warmup=config[p + "warmup_steps"],
                            batch_size=config[p + "batch_size"], n_epochs=config[p + "n_epochs"],
                            grad_clip=config["grad_clip"], compile=config["compile"], seed=config["seed"],
-                           time_limit_minutes=config["time_limit_minutes"])
+                           time_limit_minutes=config["time_limit_minutes"], plot_every=config["plot_every"])
 
 
 class StopRule:
@@ -326,13 +328,14 @@ def save_last(run, model, optimizer, position, record):
     atomic_torch_save(state, run.path("last.pt"))
 
 
-def write_epoch_files(run, rows):
-    """metrics.csv and the curves, redone from all rows (which last.pt keeps)."""
+def write_epoch_files(run, rows, curves):
+    """metrics.csv, and with `curves` the curve figures, redone from all rows (which last.pt keeps)."""
     with open(run.path("metrics.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, list(rows[-1]))
         w.writeheader()
         w.writerows(rows)
-    plot_curves(rows, run.out)
+    if curves:
+        plot_curves(rows, run.out)
 
 
 def check_ranks_agree(run, model):
@@ -420,7 +423,8 @@ def fit(run, model, x_train, train_loss, validate, on_best, hp, record, state=No
                                                   accum=torch.zeros(2)), record)
             if improved:
                 on_best(epoch, metrics)
-            write_epoch_files(run, pos["rows"])
+            last = bool(reason) or epoch + 1 == hp.n_epochs
+            write_epoch_files(run, pos["rows"], curves=last or (epoch + 1) % hp.plot_every == 0)
         if reason == "time":
             run.log(f"time limit of {hp.time_limit_minutes} min reached in epoch {epoch}")
             break
@@ -451,7 +455,7 @@ def validate_vqvae(run, model, x_val, n_codes, batch_size):
             xh, _, codes = model(xb)
         xh = xh.float().clamp(0, 1)
         sums += torch.stack([ssim_torch(xh, xb).sum(), psnr_torch(xh, xb).sum(), torch.tensor(len(idx), device=run.dev)])
-        counts += torch.bincount(codes.flatten(), minlength=n_codes)
+        counts += code_counts(codes, n_codes, torch.long)
     sums, counts = run.all_sum(sums), run.all_sum(counts)
     ssim = float(sums[0] / sums[2])
     return dict(val_ssim=ssim, val_psnr=float(sums[1] / sums[2]), codebook_usage=float((counts > 0).double().mean()),
@@ -494,8 +498,6 @@ def train_vqvae(run, config, state):
                                image_size=[dataset.H, dataset.W],
                                normalisation="per-slice min-max to [0, 1]; x * (hi - lo) + lo restores units"),
                           run.path("best_model.pt"))
-        plot_validation(run, model, prepared["validate"]["x"], "recon_best.png",
-                        f"validation, best epoch {epoch}, SSIM {m['val_ssim']:.4f}")
         if epoch == 0:
             plot_validation(run, model, prepared["validate"]["x"], "recon_epoch0.png",
                             f"validation, epoch 0, SSIM {m['val_ssim']:.4f}")
@@ -506,6 +508,8 @@ def train_vqvae(run, config, state):
     if interrupted or not run.master:
         return
     best, ckpt = load_model(run.path("best_model.pt"), run.dev, kind="vqvae")
+    plot_validation(run, best, prepared["validate"]["x"], "recon_best.png",
+                    f"validation, best epoch {ckpt['epoch']}, SSIM {ckpt['val_ssim']:.4f}")
     if "test" not in prepared:
         run.log(f"no test split (no keras_slices_test folder under {root}, no --test_dir): the test is skipped")
         return
@@ -566,7 +570,7 @@ def train_prior(run, config, state):
              for s in ("train", "validate")}
     n_codes, grid = vq_ckpt["model_args"]["n_embeddings"], tuple(codes["train"].shape[1:])
     # the baseline: validation codes under the training split's unigram distribution (add-one smoothed)
-    train_counts, val_counts = (torch.bincount(codes[s].flatten(), minlength=n_codes) for s in ("train", "validate"))
+    train_counts, val_counts = (code_counts(codes[s], n_codes, torch.long) for s in ("train", "validate"))
     unigram_val = entropy(val_counts, train_counts + 1) / math.log(2)
     run.log(f"codes {tuple(codes['train'].shape)}; unigram entropy of train codes "
             f"{entropy(train_counts) / math.log(2):.3f} bits, validation under train unigram {unigram_val:.3f} bits")

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from modules import VQVAE, VectorQuantizer, load_model
+from modules import VQVAE, VectorQuantizer, code_counts, load_model
 from utils import atomic_torch_save, box_mean, psnr_torch, score, ssim_torch
 
 
@@ -130,3 +130,9 @@ def test_cuda_code_paths_run_on_cpu_bf16_channels_last():
     loss.backward()
     assert torch.isfinite(loss) and xh.dtype == torch.bfloat16 and m.quantizer.embedding.dtype == torch.float32
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+def test_code_counts_equal_bincount():
+    idx = torch.randint(0, 7, (3, 5, 4))
+    for dtype in (torch.float32, torch.long):
+        assert torch.equal(code_counts(idx, 10, dtype), torch.bincount(idx.flatten(), minlength=10).to(dtype))
