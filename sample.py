@@ -8,17 +8,19 @@ Every name in the block below can be overridden as --name=value. Writes to <prio
 samples_nearest.png, nifti/sample_XXX.nii.gz and novelty.json.
 """
 import json
+import math
 import os
 import sys
 
 import nibabel as nib
 import numpy as np
 import torch
+import torch.nn as nn
 
 import dataset
 from modules import load_model
 from utils import (DataError, block_names, check_ranges, configure, find_checkpoint, nearest_ssim, pick_device,
-                   plot_grid, reconstruct)
+                   plot_grid, reconstruct, ssim_matrix)
 
 # ----------------------------------------------------------------------------------------------------------------
 prior_checkpoint = None  # None = the newest runs/*/best_prior.pt
@@ -39,7 +41,7 @@ RANGES = [(("n_samples", "n_reference", "batch_size"), lambda v: v >= 1, "at lea
 
 def quartiles(a):
     q1, med, q3 = np.percentile(a, [25, 50, 75])
-    return dict(median=float(med), q1=float(q1), q3=float(q3), max=float(np.max(a)), n=len(a))  # max: the nearest to a copy
+    return dict(median=float(med), q1=float(q1), q3=float(q3), max=float(np.max(a)), n=len(a))  # max: nearest to a copy
 
 
 @torch.no_grad()
@@ -53,7 +55,8 @@ def draw(prior, vqvae, dev):
 
 def novelty(x, vqvae, splits, cache_dir, dev):
     """Each sample's SSIM to its nearest training slice, beside the same for validation slices (as stored, and as
-    the VQ-VAE reconstructs them) -> (novelty dict, nearest training index per sample, the training slices)."""
+    the VQ-VAE reconstructs them), then the two-sample test, diversity and coverage against those reconstructions
+    -> (result dict, nearest training index per sample, the training slices)."""
     train = dataset.prepare(splits["train"], cache_dir, True, desc="train")
     val = dataset.prepare(splits["validate"], cache_dir, True, desc="validate")
     pool = torch.from_numpy(train["x"]).to(dev)[:, None]
@@ -66,8 +69,67 @@ def novelty(x, vqvae, splits, cache_dir, dev):
     s_val_rec, _ = nearest_ssim(ref_rec, pool)
     result = dict(samples_to_nearest_train_ssim=quartiles(s_samples),
                   validation_recon_to_nearest_train_ssim=quartiles(s_val_rec),
-                  validation_to_nearest_train_ssim=quartiles(s_val))
+                  validation_to_nearest_train_ssim=quartiles(s_val),
+                  c2st=c2st(ref_rec.cpu(), x.cpu(), seed),
+                  diversity=dict(samples_median_pairwise_ssim=median_pairwise_ssim(x),
+                                 validation_recon_median_pairwise_ssim=median_pairwise_ssim(ref_rec)),
+                  coverage=coverage(ref_rec, x, s_val_rec))
     return result, s_samples, nearest, train["x"]
+
+
+def median_pairwise_ssim(x):
+    """Median SSIM over all pairs of distinct slices in x (N, 1, H, W): higher means less diverse."""
+    s = ssim_matrix(x, x)
+    return float(s[torch.triu_indices(len(x), len(x), 1).unbind()].median())
+
+
+def coverage(real, samples, real_to_train):
+    """The fraction of real slices whose nearest sample is at least as close (SSIM) as their nearest training slice
+    (real_to_train): a recall in the spirit of Kynkaanniemi et al. 2019. A prior that covers only common anatomy
+    leaves the rarer real slices nearer to training slices than to any sample."""
+    return float((nearest_ssim(real, samples)[0] >= real_to_train).mean())
+
+
+def classifier():
+    """The two-sample test's CNN: 256x128 -> four stride-2 convolutions -> mean over the grid -> one logit."""
+    layers, width = [nn.AvgPool2d(2)], 1
+    for w in (8, 16, 32, 32):
+        layers += [nn.Conv2d(width, w, 3, stride=2, padding=1), nn.ReLU()]
+        width = w
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 1))
+
+
+def c2st(real, fake, seed=0, steps=150):
+    """Classifier two-sample test: a small CNN learns to tell `fake` from `real` (N, 1, H, W) slices on half of
+    each (equal numbers), and is scored on the other half. 0.5 means indistinguishable. Returns the held-out
+    accuracy with its 95% Wilson interval, and the sizes."""
+    n = min(len(real), len(fake))
+    gen = torch.Generator().manual_seed(seed)
+    real, fake = real[torch.randperm(len(real), generator=gen)[:n]], fake[torch.randperm(len(fake), generator=gen)[:n]]
+    h = n // 2
+    x_fit, x_test = torch.cat([real[:h], fake[:h]]), torch.cat([real[h:], fake[h:]])
+    y_fit = torch.cat([torch.zeros(h), torch.ones(h)])
+    y_test = torch.cat([torch.zeros(n - h), torch.ones(n - h)])
+    with torch.random.fork_rng():  # the classifier's own seeded initialisation, not the caller's random stream
+        torch.manual_seed(seed)
+        net = classifier()
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for _ in range(steps):  # full batch: a few dozen slices
+        loss = nn.functional.binary_cross_entropy_with_logits(net(x_fit)[:, 0], y_fit)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        correct = float(((net(x_test)[:, 0] > 0).float() == y_test).sum())
+    return dict(accuracy=correct / len(y_test), ci95=wilson(correct, len(y_test)), n_fit=len(y_fit),
+                n_test=len(y_test))
+
+
+def wilson(k, n, z=1.96):
+    """95% Wilson score interval of a proportion k / n."""
+    p, d = k / n, 1 + z * z / n
+    centre, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return [centre - half, centre + half]
 
 
 def write_samples(out, imgs, s_samples, nearest, train_x, affine):
@@ -104,9 +166,15 @@ def main():
         json.dump(result, f, indent=1)
     write_samples(out, x[:, 0].cpu().numpy(), s_samples, nearest, train_x, nib.load(splits["train"][0]).affine)
     print(f"{n_samples} samples -> {out}; SSIM to the nearest training slice, median [quartiles], max:")
-    for k in measures:
+    for k in [k for k in measures if k.endswith("_to_nearest_train_ssim")]:
         q = result[k]
-        print(f"  {k.replace('_to_nearest_train_ssim', ''):<17} {q['median']:.3f} [{q['q1']:.3f}, {q['q3']:.3f}], max {q['max']:.3f}")
+        print(f"  {k.replace('_to_nearest_train_ssim', ''):<17} {q['median']:.3f} [{q['q1']:.3f}, {q['q3']:.3f}], "
+              f"max {q['max']:.3f}")
+    c, d = result["c2st"], result["diversity"]
+    print(f"two-sample test accuracy {c['accuracy']:.3f} [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}] (0.5: "
+          f"indistinguishable from validation reconstructions; {c['n_test']} held out)")
+    print(f"median pairwise SSIM: samples {d['samples_median_pairwise_ssim']:.3f}, validation reconstructions "
+          f"{d['validation_recon_median_pairwise_ssim']:.3f}; coverage {result['coverage']:.3f}")
 
 
 if __name__ == "__main__":

@@ -110,19 +110,19 @@ def psnr_torch(x, y):
     return 10 * torch.log10(1.0 / mse.clamp_min(1e-12))
 
 
-
 @torch.no_grad()
-def nearest_ssim(queries, pool, chunk=32):
-    """For each query (N, 1, H, W) in [0, 1]: the SSIM to, and index of, its most similar slice in pool (M, 1, H, W).
-    The pool's local statistics are computed once; each pair then costs one pooled product."""
+def ssim_matrix(queries, pool, chunk=32):
+    """SSIM of every query (N, 1, H, W) against every pool slice (M, 1, H, W), all in [0, 1] -> (N, M). The pool's
+    local statistics are computed once; each pair then costs one pooled product."""
     pool_stats = [ssim_stats(c) for c in pool.split(chunk)]
-    best, where = [], []
-    for q in queries:
-        qs = ssim_stats(q[None])
-        s = torch.cat([ssim_from_stats(qs, ps) for ps in pool_stats])
-        best.append(float(s.max()))
-        where.append(int(s.argmax()))
-    return np.array(best), np.array(where)
+    return torch.stack([torch.cat([ssim_from_stats(ssim_stats(q[None]), ps) for ps in pool_stats]) for q in queries])
+
+
+def nearest_ssim(queries, pool):
+    """For each query: the SSIM to, and the index of, its most similar slice in pool -> two numpy arrays."""
+    best, where = ssim_matrix(queries, pool).max(dim=1)
+    return best.double().cpu().numpy(), where.cpu().numpy()
+
 
 def entropy(counts, reference=None):
     """Cross-entropy in nats of the histogram `counts` under the distribution of `reference` (itself by default,

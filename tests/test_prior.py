@@ -178,6 +178,10 @@ def test_train_prior_then_sample_end_to_end(tmp_path):
     assert nov["validation_recon_to_nearest_train_ssim"]["n"] == 3
     q = nov["samples_to_nearest_train_ssim"]
     assert q["q1"] <= q["median"] <= q["q3"] <= q["max"] <= 1
+    c = nov["c2st"]
+    assert c["n_fit"] + c["n_test"] == 6 and c["ci95"][0] <= c["accuracy"] <= c["ci95"][1]
+    assert 0 <= nov["coverage"] <= 1 and set(nov["diversity"]) == {"samples_median_pairwise_ssim",
+                                                                   "validation_recon_median_pairwise_ssim"}
     assert sorted(p.name for p in (out / "nifti").iterdir()) == [f"sample_00{i}.nii.gz" for i in range(3)]
     assert (out / "samples.png").exists() and (out / "samples_nearest.png").exists()
     first = nib.load(out / "nifti" / "sample_000.nii.gz").get_fdata()
