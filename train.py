@@ -349,6 +349,32 @@ def check_ranks_agree(run, model):
             f"{run.world} ranks: {' '.join(digests)}")
 
 
+def wrap_model(run, model, compile_model):
+    """What the training steps call: the model, through torch.compile if asked, and DDP under torchrun."""
+    net = torch.compile(model) if compile_model else model
+    if run.ddp:  # the quantiser keeps its buffers in step itself (all-reduced EMA), so no buffer broadcast
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[run.dev.index] if run.dev.type == "cuda"
+                                                        else None, broadcast_buffers=False)
+    return net
+
+
+def epoch_batches(run, n, hp, epoch):
+    """This rank's batches of an epoch as one index tensor on the device (one host-to-device copy per epoch) and
+    the bounds of each batch in it."""
+    plan = dataset.batches(n, hp.batch_size, hp.seed, epoch, run.rank, run.world)
+    return torch.as_tensor(np.concatenate(plan), device=run.dev), np.cumsum([0] + [len(b) for b in plan]).tolist()
+
+
+def mean_loss(run, accum, epoch):
+    """The epoch's mean training loss over all ranks, from the on-device (loss sum, steps); a non-finite loss stops
+    the run, leaving the last good checkpoints as they are."""
+    loss_sum, n_steps = (run.all_sum(accum) / run.world).tolist()
+    if not math.isfinite(loss_sum):
+        sys.exit(f"error: training loss became {loss_sum} in epoch {epoch}; stopped, the last good "
+                 f"checkpoints in {run.out} are kept")
+    return loss_sum / max(n_steps, 1)
+
+
 def fit(run, model, x_train, train_loss, validate, on_best, hp, record, state=None):
     """Train `model` on x_train (device tensor) with the settings hp (fit_settings), from `state` (last.pt) if given.
 
@@ -359,10 +385,7 @@ def fit(run, model, x_train, train_loss, validate, on_best, hp, record, state=No
     optimizer = torch.optim.AdamW(model.parameters(), lr=hp.lr, betas=(0.9, 0.99), weight_decay=0.0,
                                   fused=dev.type == "cuda")
     pos = restore(state, model, optimizer, run)
-    net = torch.compile(model) if hp.compile else model
-    if run.ddp:  # the quantiser keeps its buffers in step itself (all-reduced EMA), so no buffer broadcast
-        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None,
-                                                        broadcast_buffers=False)
+    net = wrap_model(run, model, hp.compile)
     stop = StopRule(run, hp.time_limit_minutes, pos["elapsed"])
     total_steps = hp.n_epochs * len(dataset.batches(len(x_train), hp.batch_size, hp.seed, 0, run.rank, run.world))
     model.train()
@@ -371,12 +394,9 @@ def fit(run, model, x_train, train_loss, validate, on_best, hp, record, state=No
         t_epoch = time.time()
         first = pos["step_in_epoch"] if epoch == start_epoch else 0
         accum = (pos["accum"] if first else torch.zeros(2)).to(dev)  # loss sum, steps: read once per epoch
-        # this epoch's batches, as indices on the device: one host-to-device copy per epoch
-        plan = dataset.batches(len(x_train), hp.batch_size, hp.seed, epoch, run.rank, run.world)
-        order = torch.as_tensor(np.concatenate(plan), device=dev)
-        bounds = np.cumsum([0] + [len(b) for b in plan]).tolist()
+        order, bounds = epoch_batches(run, len(x_train), hp, epoch)
         i = first - 1
-        for i in tqdm(range(first, len(plan)), desc=f"epoch {epoch}", leave=False, disable=not run.master):
+        for i in tqdm(range(first, len(bounds) - 1), desc=f"epoch {epoch}", leave=False, disable=not run.master):
             # learning rate: warm-up, then cosine over steps or wall time, whichever is further along
             lr = lr_at(pos["global_step"], max(pos["global_step"] / total_steps, stop.progress()), hp.lr, hp.warmup)
             for g in optimizer.param_groups:
@@ -403,14 +423,11 @@ def fit(run, model, x_train, train_loss, validate, on_best, hp, record, state=No
                     f"continue with --resume={run.out}")
             return True
         # validate, then log the epoch
-        loss_sum, n_steps = (run.all_sum(accum) / run.world).tolist()
-        if not math.isfinite(loss_sum):
-            sys.exit(f"error: training loss became {loss_sum} in epoch {epoch}; stopped, the last good "
-                     f"checkpoints in {run.out} are kept")
+        train_loss_mean = mean_loss(run, accum, epoch)
         model.eval()
         metrics = validate(model)
         model.train()
-        row = dict(epoch=epoch, steps=pos["global_step"], train_loss=loss_sum / max(n_steps, 1), **metrics,
+        row = dict(epoch=epoch, steps=pos["global_step"], train_loss=train_loss_mean, **metrics,
                    lr=optimizer.param_groups[0]["lr"], seconds=time.time() - t_epoch)
         del row["score"]
         pos["rows"].append(row)
