@@ -4,7 +4,7 @@
 # 1. prepares the study-sized phantom (11,460 + 660 + 540 slices in data/study, cached after the first time);
 # 2. prints bench.py's table at train.py's defaults and at batch 8, each with torch.compile off and on;
 # 3. trains the study-sized run at the defaults for GPU_CHECK_MINUTES (default 3) and projects all n_epochs.
-# Everything it prints is also in runs/gpu_check-<time>/log.txt, beside that training run's folder.
+# Everything it prints is also in runs/gpu_check-<time>-<pid>/log.txt, beside that training run's folder.
 #SBATCH --job-name=vqvae-check
 #SBATCH --gres=gpu:1
 #SBATCH --cpus-per-task=8
