@@ -36,11 +36,12 @@ n_train = len(json.load(open(f"{run}/splits.json"))["train"])
 per_epoch = math.ceil(n_train / cfg["batch_size"])
 steps, secs = int(rows[-1]["steps"]), sum(float(r["seconds"]) for r in rows)
 full = [float(r["seconds"]) for i, r in enumerate(rows) if int(r["steps"]) == (i + 1) * per_epoch]
-# the first epoch carries warm-up (and compilation); the projection uses the later full epochs where there are any
-epoch_s = sum(full[1:]) / len(full[1:]) if len(full) > 1 else secs / steps * per_epoch
+# the first epoch carries warm-up (and compilation): the projection uses the later full epochs where there are
+# any, else the time limit over the steps it allowed (validation not included)
+epoch_s = sum(full[1:]) / len(full[1:]) if len(full) > 1 else cfg["time_limit_minutes"] * 60 / steps * per_epoch
 print(f"{steps} steps ({steps / per_epoch:.2f} epochs of {per_epoch} steps) in {secs:.0f} s; "
       f"validation SSIM {float(rows[-1]['val_ssim']):.4f}")
 print(f"projected: {cfg['n_epochs']} epochs in {cfg['n_epochs'] * epoch_s / 60:.1f} min "
-      f"({epoch_s:.1f} s per epoch, from {'the full epochs after the first' if len(full) > 1 else 'the steps done'})")
+      f"({epoch_s:.1f} s per epoch, from {'the full epochs after the first' if len(full) > 1 else 'the time limit'})")
 EOF
 echo "log: $OUT/log.txt"
