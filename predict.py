@@ -17,8 +17,8 @@ from skimage.transform import resize
 
 import dataset
 from modules import load_model
-from utils import (DataError, block_names, check_ranges, configure, evaluate_split, find_checkpoint, pick_device,
-                   plot_reconstructions)
+from utils import (DataError, block_names, check_ranges, configure, evaluate_split, find_checkpoint, make_folder,
+                   pick_device, plot_reconstructions)
 
 # ----------------------------------------------------------------------------------------------------------------
 checkpoint = None      # None = the newest runs/*/best_model.pt
@@ -79,9 +79,7 @@ def main():
     model, ckpt = load_model(ckpt_path, dev, kind="vqvae")
     p = dataset.prepare(split_files(ckpt_path, ckpt, data_dir, split), None, skip_bad, desc=split)
     out = out_dir or os.path.join(os.path.dirname(ckpt_path), f"predict_{split}")
-    if os.path.isfile(out):
-        raise DataError(f"--out_dir={out}: is a file, not a folder")
-    os.makedirs(out, exist_ok=True)
+    make_folder(out)
 
     rec, scores, means = evaluate_split(model, p, dev, batch_size)
     write_per_slice(os.path.join(out, "per_slice.csv"), p["files"], scores)

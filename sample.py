@@ -19,8 +19,8 @@ import torch.nn as nn
 
 import dataset
 from modules import load_model
-from utils import (DataError, block_names, check_ranges, configure, find_checkpoint, nearest_ssim, pick_device,
-                   plot_grid, reconstruct, ssim_matrix)
+from utils import (DataError, block_names, check_ranges, configure, find_checkpoint, make_folder, nearest_ssim,
+                   pick_device, plot_grid, reconstruct, ssim_matrix)
 
 # ----------------------------------------------------------------------------------------------------------------
 prior_checkpoint = None  # None = the newest runs/*/best_prior.pt
@@ -152,9 +152,7 @@ def main():
     prior, ckpt = load_model(path, dev, kind="prior")
     vqvae, _ = load_model(ckpt["vqvae_checkpoint"], dev, kind="vqvae")
     out = out_dir or os.path.join(os.path.dirname(path), "samples")
-    if os.path.isfile(out):
-        raise DataError(f"--out_dir={out}: is a file, not a folder")
-    os.makedirs(out, exist_ok=True)
+    make_folder(out)
     with open(os.path.join(os.path.dirname(ckpt["vqvae_checkpoint"]), "splits.json")) as f:
         splits = json.load(f)
 

@@ -9,7 +9,6 @@ Every epoch is validated (SSIM/PSNR for the VQ-VAE, bits per code for the prior)
 Every name in the block below can be overridden as --name=value.
 """
 import csv
-import glob
 import hashlib
 import json
 import math
@@ -27,9 +26,9 @@ from tqdm import tqdm
 
 import dataset
 from modules import VQVAE, CodePrior, code_counts, load_model, read_checkpoint
-from utils import (DataError, atomic_torch_save, block_names, check_ranges, configure, entropy, evaluate_split, newest,
-                   pick_device, plot_curves, plot_grid, plot_reconstructions, psnr_torch, reconstruct,
-                   ssim_torch)
+from utils import (DataError, atomic_torch_save, block_names, check_ranges, configure, entropy, evaluate_split,
+                   make_folder, newest, newest_first, pick_device, plot_curves, plot_grid, plot_reconstructions,
+                   psnr_torch, reconstruct, ssim_torch)
 
 # ----------------------------------------------------------------------------------------------------------------
 stage = "vqvae"            # "vqvae": the autoencoder; "prior": a transformer over a trained VQ-VAE's code grids
@@ -174,9 +173,8 @@ def resume_folder(config):
     load_resume_state then checks against this command's)."""
     out = config["resume"] if isinstance(config["resume"], str) else config["out_dir"]
     if not out:
-        runs = sorted(glob.glob("runs/*/last.pt"), key=os.path.getmtime, reverse=True)
-        out = next((os.path.dirname(p) for p in runs if read_checkpoint(p, mmap=True).get("stage") == config["stage"]),
-                   None)
+        out = next((os.path.dirname(p) for p in newest_first("runs/*/last.pt")
+                    if read_checkpoint(p, mmap=True).get("stage") == config["stage"]), None)
     if not out:
         raise DataError(f"--resume=True: no {config['stage']} run under runs/ to resume; give --out_dir or "
                         "--resume=RUN_FOLDER")
@@ -189,12 +187,10 @@ def claim_folder(out_dir):
     """Create the output folder of a new run. A given out_dir must not hold a run (a last.pt); without one, a new
     runs/<timestamp>, with -2, -3, ... when runs started in the same second: creating it is the atomic claim."""
     if out_dir:
-        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-            raise DataError(f"--out_dir={out_dir}: is a file, not a folder")
         if os.path.exists(os.path.join(out_dir, "last.pt")):
             raise DataError(f"--out_dir={out_dir}: already holds a run; continue it with --resume=True, or choose "
                             "another --out_dir")
-        os.makedirs(out_dir, exist_ok=True)
+        make_folder(out_dir)
         return out_dir
     stamp = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     for n in range(1, 1000):

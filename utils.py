@@ -244,10 +244,21 @@ def atomic_torch_save(obj, path):
     os.replace(tmp, path)
 
 
+def newest_first(pattern):
+    """The paths matching a glob pattern, the most recently modified first."""
+    return sorted(glob.glob(pattern), key=os.path.getmtime, reverse=True)
+
+
 def newest(pattern):
     """The most recently modified path matching a glob pattern, or None."""
-    found = sorted(glob.glob(pattern), key=os.path.getmtime)
-    return found[-1] if found else None
+    return next(iter(newest_first(pattern)), None)
+
+
+def make_folder(path):
+    """Create an output folder (and its parents) unless it exists; a file in its place is a DataError."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise DataError(f"--out_dir={path}: is a file, not a folder")
+    os.makedirs(path, exist_ok=True)
 
 
 def find_checkpoint(path, pattern):
