@@ -251,27 +251,99 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+SCANS = ("raster", "centre_out")
+
+
+def scan_rows(h, scan):
+    """The order in which `scan` reads the h grid rows (each row's columns are read left to right).
+    raster: 0, 1, ..., h - 1. centre_out: from the middle outwards, alternating sides: m = (h - 1) // 2, then
+    m + 1, m - 1, m + 2, m - 2, ... (h = 64: 31, 32, 30, 33, ..., 62, 0, 63), so that each row's mirror partner
+    h - 1 - r is read just before or just after it, and each row after the first is read after its inward
+    neighbour."""
+    if scan == "raster":
+        return list(range(h))
+    if scan == "centre_out":
+        m = (h - 1) // 2
+        rows = [m]
+        for d in range(1, h):
+            rows += [r for r in (m + d, m - d) if 0 <= r < h]
+        return rows
+    raise ValueError(f"scan={scan!r}: expected one of {SCANS}")
+
+
+def scan_tables(grid, scan, mirror):
+    """-> order (T,): the flat spatial index (r * w + c) read at each sequence position t; and neighbours
+    (T, 3 + mirror): the sequence positions of each position's neighbour inputs, T where there is none.
+
+    The neighbour inputs are the codes at columns c - 1, c, c + 1 of the spatially adjacent row that was read
+    before row r (under raster the row above; under centre_out the inward neighbour; none for the first row read)
+    and, with `mirror`, the code at (h - 1 - r, c) if it was read before t. Every entry is < t or T: causal."""
+    h, w = grid
+    rows = scan_rows(h, scan)
+    rank = {r: i for i, r in enumerate(rows)}  # when each row is read
+    order = torch.tensor([r * w + c for r in rows for c in range(w)])
+    seq_of = torch.empty_like(order)
+    seq_of[order] = torch.arange(h * w)
+    neighbours = torch.full((h * w, 3 + mirror), h * w)
+    for t, s in enumerate(order.tolist()):
+        r, c = divmod(s, w)
+        earlier = [a for a in (r - 1, r + 1) if 0 <= a < h and rank[a] < rank[r]]
+        assert len(earlier) <= 1, "a scan reads each row after at most one of its two adjacent rows"
+        for a in earlier:
+            for k, cc in enumerate((c - 1, c, c + 1)):
+                if 0 <= cc < w:
+                    neighbours[t, k] = seq_of[a * w + cc]
+        if mirror and seq_of[(h - 1 - r) * w + c] < t:
+            neighbours[t, 3] = seq_of[(h - 1 - r) * w + c]
+    assert bool(((neighbours < torch.arange(h * w)[:, None]) | (neighbours == h * w)).all())
+    return order, neighbours
+
+
 class CodePrior(nn.Module):
-    """Autoregressive transformer over a (h, w) grid of code indices in raster order, with a start token.
+    """Autoregressive transformer over a (h, w) grid of code indices, read row by row in the order `scan` gives
+    (scan_rows), each row left to right, after a start token.
 
-    Each position's input is the previous code (the one to its left), the three codes of the row above it
-    (above-left, above, above-right: all earlier in raster order) and its row and column. Handed its 2D
-    neighbours, the model need not first learn to attend 31-33 steps back: fewer bits per code at equal
-    training time (README, Generation). With window > 0 each position attends only to the `window` positions up
-    to itself, which makes training O(T * window) instead of O(T^2)."""
+    Each position's input is the previous code in reading order (the one to its left, except at a row's start),
+    the three codes of the spatially adjacent row already read (above-left, above, above-right under raster) and
+    its row and column; with `mirror_input` (default: on under centre_out) also the code at the mirrored row
+    h - 1 - r, same column, if already read. start_token stands for any neighbour off the grid or not yet read.
+    Handed its 2D neighbours, the model need not first learn to attend 31-33 steps back: fewer bits per code at
+    equal training time (README, Generation). With window > 0 each position attends only to the `window`
+    positions up to itself, which makes training O(T * window) instead of O(T^2); the last `n_global_layers`
+    blocks attend to the whole prefix regardless.
 
-    def __init__(self, n_codes, grid=(64, 32), d_model=128, n_layers=4, n_heads=4, dropout=0.0, window=0):
+    Layouts: forward(codes), grid_logits(codes) and sample() use grids in spatial layout, (B, h, w) (forward also
+    takes them flattened, (B, h * w)); the scan is internal. logits(), forward_tokens() and known_codes() work in
+    sequence (reading) order, which under raster is the flattened grid; to_sequence() and to_grid() convert.
+    model_args without scan, n_global_layers and mirror_input build the raster model of old checkpoints."""
+
+    def __init__(self, n_codes, grid=(64, 32), d_model=128, n_layers=4, n_heads=4, dropout=0.0, window=0,
+                 n_global_layers=0, scan="raster", mirror_input=None):
         super().__init__()
+        if scan not in SCANS:
+            raise ValueError(f"scan={scan!r}: expected one of {SCANS}")
+        if not 0 <= n_global_layers <= n_layers:
+            raise ValueError(f"n_global_layers={n_global_layers}: expected 0 to n_layers={n_layers}")
         self.n_codes = n_codes
         self.grid = tuple(grid)
         self.seq_len = grid[0] * grid[1]
+        self.scan = scan
+        self.n_global_layers = n_global_layers
+        self.mirror_input = scan == "centre_out" if mirror_input is None else bool(mirror_input)
+        order, neighbours = scan_tables(self.grid, scan, self.mirror_input)
+        # derived from the arguments, so not saved: the state_dict keys are those of the raster model
+        self.register_buffer("order", order, persistent=False)  # sequence position -> flat spatial index
+        self.register_buffer("inverse", torch.argsort(order), persistent=False)  # flat spatial index -> position
+        self.register_buffer("neighbour_index", neighbours, persistent=False)
         self.start_token = n_codes  # extra embedding row: the start, and any neighbour off the grid; never predicted
         self.tok_emb = nn.Embedding(n_codes + 1, d_model)
-        self.above_emb = nn.Embedding(3 * (n_codes + 1), d_model)  # one table, offset per neighbour
+        # one table, offset per neighbour input (3, or 4 with the mirror); named for the raster scan's row above
+        self.above_emb = nn.Embedding(neighbours.shape[1] * (n_codes + 1), d_model)
         self.row_emb = nn.Embedding(grid[0], d_model)
         self.col_emb = nn.Embedding(grid[1], d_model)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(d_model, n_heads, dropout, window) for _ in range(n_layers))
+        windows = [window if i < n_layers - n_global_layers else 0 for i in range(n_layers)]
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, dropout, wi) for wi in windows)
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, n_codes)
         self.apply(self._init_weights)
@@ -284,19 +356,32 @@ class CodePrior(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def neighbours_above(self, known, positions):
-        """known (B, h + 1, w + 2) from known_grid -> (B, T, 3) indices into above_emb of the codes above-left, above
-        and above-right of each position (start_token where off the grid)."""
-        r, c = positions // self.grid[1], positions % self.grid[1]  # grid row r is known's row r + 1
-        offsets = torch.arange(3, device=known.device)
-        return known[:, r[:, None], c[:, None] + offsets] + offsets * (self.n_codes + 1)
+    def to_sequence(self, codes):
+        """Grids in spatial layout, (B, h, w) or (B, h * w) -> (B, h * w) in reading order."""
+        flat = codes.reshape(codes.shape[0], -1)
+        assert flat.shape[1] == self.seq_len, "expected whole grids"
+        return flat if self.scan == "raster" else flat[:, self.order]
+
+    def to_grid(self, seq):
+        """(B, h * w, ...) in reading order -> (B, h, w, ...) in spatial layout."""
+        if self.scan != "raster":
+            seq = seq[:, self.inverse]
+        return seq.reshape(seq.shape[0], *self.grid, *seq.shape[2:])
+
+    def neighbours(self, known, positions):
+        """known (B, T + 1) from known_codes, positions (L,) -> (B, L, 3 or 4) indices into above_emb of each
+        position's neighbour inputs (start_token where off the grid or not yet read)."""
+        index = self.neighbour_index[positions]
+        offsets = torch.arange(index.shape[1], device=known.device) * (self.n_codes + 1)
+        return known[:, index] + offsets
 
     def forward_tokens(self, tokens, known, caches=None, pos=0):
-        """tokens (B, T): the inputs at positions pos..pos+T-1 (the start token, then each previous code);
-        known (B, h + 1, w + 2) from known_grid -> logits (B, T, n_codes)."""
+        """tokens (B, L): the inputs at sequence positions pos..pos+L-1 (the start token, then each previous code);
+        known (B, T + 1) from known_codes -> logits (B, L, n_codes)."""
         positions = torch.arange(pos, pos + tokens.shape[1], device=tokens.device)
-        x = (self.tok_emb(tokens) + self.above_emb(self.neighbours_above(known, positions)).sum(2)
-             + self.row_emb(positions // self.grid[1]) + self.col_emb(positions % self.grid[1]))
+        spatial = self.order[positions]
+        x = (self.tok_emb(tokens) + self.above_emb(self.neighbours(known, positions)).sum(2)
+             + self.row_emb(spatial // self.grid[1]) + self.col_emb(spatial % self.grid[1]))
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, None if caches is None else caches[i], pos)
@@ -306,22 +391,27 @@ class CodePrior(nn.Module):
         start = torch.full_like(idx[:, :1], self.start_token)
         return torch.cat([start, idx[:, :-1]], dim=1)  # shift right: output t sees idx[:, :t]
 
-    def known_grid(self, idx):
-        """idx (B, L <= h*w) -> (B, h + 1, w + 2): the codes on the grid, framed by a row above and a column on
-        each side; start_token on the frame and beyond L. Sampling fills it in place as codes are drawn."""
-        h, w = self.grid
-        known = torch.full((idx.shape[0], self.seq_len), self.start_token, dtype=idx.dtype, device=idx.device)
+    def known_codes(self, idx):
+        """idx (B, L <= T) in reading order -> (B, T + 1): idx, then start_token (beyond L, and in the last slot,
+        which neighbour_index names for 'no neighbour'). Sampling fills it in place as codes are drawn."""
+        known = torch.full((idx.shape[0], self.seq_len + 1), self.start_token, dtype=idx.dtype, device=idx.device)
         known[:, :idx.shape[1]] = idx
-        return F.pad(known.view(-1, h, w), (1, 1, 1, 0), value=self.start_token)
+        return known
 
     def logits(self, idx):
-        """idx (B, L <= h*w) codes -> (B, L, n_codes); position t predicts idx[:, t] from idx[:, :t]."""
+        """idx (B, L <= h*w) codes in reading order -> (B, L, n_codes); position t predicts idx[:, t] from
+        idx[:, :t]. Under raster the reading order is the flattened grid."""
         assert idx.shape[1] <= self.seq_len, "sequence longer than the grid"
-        return self.forward_tokens(self.with_start(idx), self.known_grid(idx))
+        return self.forward_tokens(self.with_start(idx), self.known_codes(idx))
+
+    def grid_logits(self, codes):
+        """codes (B, h, w) -> (B, h, w, n_codes): at each grid position, the prediction of its code from the codes
+        read before it."""
+        return self.to_grid(self.logits(self.to_sequence(codes)))
 
     def forward(self, codes):
         """codes (B, h, w) -> mean cross-entropy in nats per code (the training loss; DDP wraps this)."""
-        idx = codes.reshape(codes.shape[0], -1)
+        idx = self.to_sequence(codes)
         return F.cross_entropy(self.logits(idx).reshape(-1, self.n_codes).float(), idx.reshape(-1))
 
     def new_caches(self, n, device, dtype):
@@ -343,12 +433,12 @@ class CodePrior(nn.Module):
 
     @torch.no_grad()
     def sample(self, n, temperature=1.0, top_k=0, generator=None, use_cache=True, device=None):
-        """Draw n grids -> (n, h, w) long. Both paths consume identical random draws
-        (one multinomial on (n, n_codes) probabilities per position), so they agree
+        """Draw n grids -> (n, h, w) long, in spatial layout. Both paths consume identical random draws
+        (one multinomial on (n, n_codes) probabilities per position, in reading order), so they agree
         for the same generator state up to float rounding of the logits."""
         device = device if device is not None else next(self.parameters()).device
         tokens = torch.full((n, 1), self.start_token, dtype=torch.long, device=device)
-        known = self.known_grid(tokens[:, :0])
+        known = self.known_codes(tokens[:, :0])
         caches = None
         if use_cache:
             # Buffer dtype follows the attention projections' output (e.g. bf16 under autocast).
@@ -360,9 +450,9 @@ class CodePrior(nn.Module):
             else:
                 logits = self.forward_tokens(tokens, known)[:, -1]  # recompute the whole prefix
             code = self._draw(logits, temperature, top_k, generator)
-            known[:, 1 + t // self.grid[1], 1 + t % self.grid[1]] = code[:, 0]
+            known[:, t] = code[:, 0]
             tokens = torch.cat([tokens, code], dim=1)
-        return tokens[:, 1:].reshape(n, *self.grid)
+        return self.to_grid(tokens[:, 1:])
 
 
 

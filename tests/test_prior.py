@@ -6,17 +6,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modules import CodePrior, local_causal_attention
+from modules import CodePrior, local_causal_attention, scan_rows
 from utils import entropy
 
 N_CODES = 8
 GRID = (4, 4)
 
 
-def tiny_prior(seed=0, double=False, window=0):
+def tiny_prior(seed=0, double=False, window=0, **kw):
     torch.manual_seed(seed)
-    model = CodePrior(N_CODES, grid=GRID, d_model=32, n_layers=2, n_heads=2, window=window)
+    model = CodePrior(N_CODES, grid=GRID, d_model=32, n_layers=2, n_heads=2, window=window, **kw)
     return model.double() if double else model
+
+
+# every scan with and without a global layer (the last of the two blocks), each with a window
+COMBOS = [dict(scan=s, n_global_layers=g) for s in ("raster", "centre_out") for g in (0, 1)]
 
 
 def counting_grids(n, gen):
@@ -45,24 +49,25 @@ def test_learns_structured_codes():
     assert bits < 0.5 * base, (bits, base)
 
 
-@pytest.mark.parametrize("temperature,top_k,window", [(1.0, 0, 0), (0.8, 3, 0), (1.0, 0, 5)])
-def test_cached_equals_uncached(temperature, top_k, window):
-    model = tiny_prior(seed=3, double=True, window=window).eval()
+@pytest.mark.parametrize("temperature,top_k,window,kw", [(1.0, 0, 0, {}), (0.8, 3, 0, {}), (1.0, 0, 5, {})]
+                         + [(1.0, 0, 3, c) for c in COMBOS] + [(0.8, 3, 3, dict(scan="centre_out", n_global_layers=1))])
+def test_cached_equals_uncached(temperature, top_k, window, kw):
+    model = tiny_prior(seed=3, double=True, window=window, **kw).eval()
     kw = dict(temperature=temperature, top_k=top_k)
     a = model.sample(5, generator=torch.Generator().manual_seed(7), use_cache=True, **kw)
     b = model.sample(5, generator=torch.Generator().manual_seed(7), use_cache=False, **kw)
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("window", [0, 3, 6])
-def test_cached_logits_match_full_forward(window):
+@pytest.mark.parametrize("window,kw", [(0, {}), (3, {}), (6, {})] + [(3, c) for c in COMBOS])
+def test_cached_logits_match_full_forward(window, kw):
     # Stronger than sample equality: step-by-step cached logits equal the full pass.
-    model = tiny_prior(seed=4, double=True, window=window).eval()
+    model = tiny_prior(seed=4, double=True, window=window, **kw).eval()
     idx = torch.randint(0, N_CODES, (3, 16))
     full = model.logits(idx)
     caches = model.new_caches(3, idx.device, torch.float64)
     tokens = model.with_start(idx)
-    known = model.known_grid(idx)
+    known = model.known_codes(idx)
     steps = [model.forward_tokens(tokens[:, t:t + 1], known, caches, pos=t) for t in range(16)]
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-10)
     # Multi-token chunks through the cache (masked path) agree too.
@@ -83,13 +88,131 @@ def test_local_attention_equals_masked_full_attention(t, window):
 
 def test_above_neighbours_come_from_the_row_above():
     model = tiny_prior()
-    known = model.known_grid(torch.arange(16).reshape(1, 16))  # code = position on the 4x4 grid
-    got = model.neighbours_above(known, torch.tensor([0, 4, 5, 7])) - torch.arange(3) * (N_CODES + 1)
+    known = model.known_codes(torch.arange(16).reshape(1, 16))  # code = position on the 4x4 grid
+    got = model.neighbours(known, torch.tensor([0, 4, 5, 7])) - torch.arange(3) * (N_CODES + 1)
     start = model.start_token
     assert got[0].tolist() == [[start, start, start],  # first row: nothing above
                                [start, 0, 1],          # left edge: no above-left
                                [0, 1, 2],
                                [2, 3, start]]          # right edge: no above-right
+
+
+def test_centre_out_neighbours_are_the_inward_row_and_the_mirror():
+    # 16 codes so that code = spatial position on the 4x4 grid; rows are read 1, 2, 0, 3
+    torch.manual_seed(0)
+    model = CodePrior(16, grid=GRID, d_model=8, n_layers=1, n_heads=1, scan="centre_out")
+    assert model.mirror_input and model.above_emb.num_embeddings == 4 * 17
+    known = model.known_codes(model.to_sequence(torch.arange(16).reshape(1, 4, 4)))
+    got = model.neighbours(known, torch.tensor([0, 4, 9, 15])) - torch.arange(4) * 17
+    s = model.start_token
+    assert got[0].tolist() == [[s, s, s, s],       # (1, 0): first row read, no inward row; mirror (2, 0) not yet read
+                               [s, 4, 5, 4],       # (2, 0): inward row 1; mirror (1, 0) read
+                               [4, 5, 6, s],       # (0, 1): inward row 1; mirror (3, 1) read later
+                               [10, 11, s, 3]]     # (3, 3): inward row 2; mirror (0, 3) read
+    # a prefix: what is not yet read is start_token
+    known = model.known_codes(model.to_sequence(torch.arange(16).reshape(1, 4, 4))[:, :4])
+    assert (model.neighbours(known, torch.tensor([4]))[0, 0] - torch.arange(4) * 17).tolist() == [s, 4, 5, 4]
+    assert (model.neighbours(known, torch.tensor([15]))[0, 0] - torch.arange(4) * 17).tolist() == [s, s, s, s]
+
+
+@pytest.mark.parametrize("h", range(1, 10))
+def test_centre_out_scan_is_a_permutation_read_from_the_middle(h):
+    rows = scan_rows(h, "centre_out")
+    assert sorted(rows) == list(range(h)) and scan_rows(h, "raster") == list(range(h))
+    rank = {r: i for i, r in enumerate(rows)}
+    for r in rows:
+        assert abs(rank[r] - rank[h - 1 - r]) <= 1  # the mirror partner is read just before or after
+        if r != rows[0]:  # the inward neighbour is already read
+            assert min(rank.get(r - 1, h), rank.get(r + 1, h)) < rank[r]
+
+
+def test_centre_out_rows_for_64():
+    rows = scan_rows(64, "centre_out")
+    assert rows[:6] == [31, 32, 30, 33, 29, 34] and rows[-2:] == [0, 63]
+
+
+@pytest.mark.parametrize("grid", [(4, 4), (5, 3), (64, 32)])
+def test_to_sequence_and_to_grid_round_trip(grid):
+    model = CodePrior(8, grid=grid, d_model=8, n_layers=1, n_heads=1, scan="centre_out")
+    h, w = grid
+    codes = torch.arange(2 * h * w).reshape(2, h, w)
+    seq = model.to_sequence(codes)
+    assert torch.equal(model.to_grid(seq), codes)
+    assert torch.equal(model.to_sequence(model.to_grid(seq)), seq)
+    assert torch.equal(model.to_sequence(codes.reshape(2, -1)), seq)  # flattened grids are accepted too
+    # reading order: whole rows, in scan_rows order, each left to right
+    assert torch.equal(seq[0], torch.cat([torch.arange(w) + r * w for r in scan_rows(h, "centre_out")]))
+    logits = torch.randn(2, h * w, 3)
+    assert torch.equal(model.to_grid(logits)[:, 1, 2], logits[:, int(model.inverse[w + 2])])
+    with pytest.raises(ValueError):
+        CodePrior(8, grid=grid, d_model=8, n_layers=1, n_heads=1, scan="spiral")
+    with pytest.raises(ValueError):
+        CodePrior(8, grid=grid, d_model=8, n_layers=1, n_heads=1, n_global_layers=2)
+
+
+@pytest.mark.parametrize("scan", ["raster", "centre_out"])
+def test_sample_is_in_spatial_layout(scan):
+    # Greedy sampling draws, at each position, the argmax of the prediction from what was drawn before; so the
+    # sampled grid, scored by teacher forcing in spatial layout, has every code its own argmax. The same codes
+    # laid out in reading order (a sample that forgot to put them back) do not.
+    model = tiny_prior(seed=8, double=True, window=3, scan=scan).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # large embeddings: predictions depend strongly on the inputs
+            if "emb" in name:
+                p.normal_(0, 1)
+        grids = model.sample(2, top_k=1, generator=torch.Generator().manual_seed(0))
+        assert grids.shape == (2, *GRID) and len(grids.unique()) > 3
+        assert torch.equal(model.grid_logits(grids).argmax(-1), grids)
+        if scan == "centre_out":
+            in_reading_order = model.to_sequence(grids).reshape(2, *GRID)
+            assert not torch.equal(model.grid_logits(in_reading_order).argmax(-1), in_reading_order)
+
+
+def test_centre_out_reads_the_middle_rows_first():
+    # rows are read 1, 2, 0, 3: a code on spatial row 0 cannot change the predictions on rows 1 and 2 (read
+    # before it) but does change row 3's; one on row 1 changes the predictions on all later rows
+    model = tiny_prior(seed=9, double=True, window=0, scan="centre_out").eval()
+    codes = torch.randint(0, N_CODES, (2, *GRID), generator=torch.Generator().manual_seed(1))
+    base = model.grid_logits(codes)
+    changed = codes.clone()
+    changed[:, 0, 3] = (changed[:, 0, 3] + 1) % N_CODES
+    out = model.grid_logits(changed)
+    assert torch.equal(out[:, 1:3], base[:, 1:3]) and torch.equal(out[:, 0, :], base[:, 0, :])
+    assert not torch.allclose(out[:, 3], base[:, 3])
+    changed = codes.clone()
+    changed[:, 1, 3] = (changed[:, 1, 3] + 1) % N_CODES
+    out = model.grid_logits(changed)
+    assert torch.equal(out[:, 1, :], base[:, 1, :])
+    for r in (2, 0, 3):
+        assert not torch.allclose(out[:, r], base[:, r])
+
+
+def test_positions_embed_their_spatial_row_and_column():
+    # window 1 and no code inputs (zeroed embeddings): each logit is a function of its position's embeddings
+    # alone, so a centre_out model with a raster model's weights makes the same prediction at each grid position
+    raster = tiny_prior(seed=11, double=True, window=1).eval()
+    centre = tiny_prior(seed=12, double=True, window=1, scan="centre_out", mirror_input=False).eval()
+    with torch.no_grad():
+        raster.tok_emb.weight.zero_()
+        raster.above_emb.weight.zero_()
+        centre.load_state_dict(raster.state_dict())
+        codes = torch.randint(0, N_CODES, (2, *GRID), generator=torch.Generator().manual_seed(3))
+        assert torch.allclose(centre.grid_logits(codes), raster.grid_logits(codes), atol=1e-12)
+        assert not torch.allclose(centre.logits(codes.reshape(2, -1)), raster.logits(codes.reshape(2, -1)))
+
+
+def test_global_layer_sees_the_whole_prefix():
+    # window 1: a block sees only its own position, so with no global layer the logit at t depends only on t's
+    # inputs (the previous code and the row above); the raster code at 0 is an input at 1 (previous) and at 4, 5
+    # (above, above-left). One global layer makes every later position depend on it.
+    idx = torch.randint(0, N_CODES, (2, 16), generator=torch.Generator().manual_seed(2))
+    changed = idx.clone()
+    changed[:, 0] = (changed[:, 0] + 1) % N_CODES
+    for n_global, expected in ((0, {1, 4, 5}), (1, set(range(1, 16)))):
+        model = tiny_prior(seed=10, double=True, window=1, n_global_layers=n_global).eval()
+        assert [b.attn.window for b in model.blocks] == [1, 1 if n_global == 0 else 0]
+        diff = (model.logits(changed) - model.logits(idx)).abs().amax(dim=(0, 2))
+        assert {t for t in range(16) if diff[t] > 0} == expected
 
 
 def test_sample_shape_range_determinism():
@@ -103,9 +226,10 @@ def test_sample_shape_range_determinism():
     assert not torch.equal(s1, s3)
 
 
-@pytest.mark.parametrize("window", [0, 3])
-def test_forward_is_causal(window):
-    model = tiny_prior(seed=6, double=True, window=window).eval()
+@pytest.mark.parametrize("window,kw", [(0, {}), (3, {})] + [(3, c) for c in COMBOS])
+def test_forward_is_causal(window, kw):
+    # sequence positions: under centre_out idx is in reading order, not the flattened grid
+    model = tiny_prior(seed=6, double=True, window=window, **kw).eval()
     idx = torch.randint(0, N_CODES, (2, 16))
     base = model.logits(idx)
     for t in (0, 7, 15):
@@ -142,11 +266,37 @@ def test_entropy_and_cross_entropy():
     assert entropy(counts) == pytest.approx(float(-(p * p.log()).sum()))
 
 
-def test_prior_checkpoint_round_trip(tmp_path):
+def test_old_model_args_build_the_old_model():
+    # model_args of checkpoints written before scan / n_global_layers: the same parameters, drawn from the same
+    # seed, and the same outputs as the model of that time (values recorded from it)
+    torch.manual_seed(0)
+    model = CodePrior(8, grid=(4, 4), d_model=32, n_layers=2, n_heads=2, window=3).double().eval()
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert list(shapes)[:4] == ["tok_emb.weight", "above_emb.weight", "row_emb.weight", "col_emb.weight"]
+    assert list(shapes)[-4:] == ["ln_f.weight", "ln_f.bias", "head.weight", "head.bias"]
+    assert len(shapes) == 8 + 2 * 12 and shapes["above_emb.weight"] == (27, 32)
+    assert model.scan == "raster" and not model.mirror_input and [b.attn.window for b in model.blocks] == [3, 3]
+    idx = (torch.arange(32) * 5 % 8).reshape(2, 4, 4)
+    with torch.no_grad():
+        logits = model.logits(idx.reshape(2, -1))
+        assert model(idx).item() == pytest.approx(2.098651170730591, abs=1e-6)
+        assert (logits * torch.arange(1, 9, dtype=torch.float64)).sum().item() == pytest.approx(28.695529666779457,
+                                                                                              abs=1e-9)
+        assert logits[1, 15, 2].item() == pytest.approx(0.24049171743078201, abs=1e-12)
+        assert torch.equal(model.grid_logits(idx), logits.reshape(2, 4, 4, 8))
+    torch.manual_seed(0)
+    explicit = CodePrior(8, grid=(4, 4), d_model=32, n_layers=2, n_heads=2, window=3, n_global_layers=0,
+                         scan="raster", mirror_input=False).double().eval()
+    assert all(torch.equal(a, b) for a, b in zip(explicit.state_dict().values(), model.state_dict().values()))
+    assert list(explicit.state_dict()) == list(shapes)
+
+
+@pytest.mark.parametrize("new", [{}, dict(scan="centre_out", n_global_layers=1, window=3)])
+def test_prior_checkpoint_round_trip(tmp_path, new):
     from modules import load_model
     from utils import atomic_torch_save
-    args = dict(n_codes=N_CODES, grid=GRID, d_model=32, n_layers=2, n_heads=2, dropout=0.0)
-    model = tiny_prior()
+    args = dict(n_codes=N_CODES, grid=GRID, d_model=32, n_layers=2, n_heads=2, dropout=0.0, **new)
+    model = tiny_prior(**new)
     atomic_torch_save(dict(kind="prior", model=model.state_dict(), model_args=args), tmp_path / "p.pt")
     loaded, ckpt = load_model(tmp_path / "p.pt")
     codes = torch.randint(0, N_CODES, (2, *GRID))
