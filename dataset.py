@@ -2,6 +2,8 @@
 
 Normalisation: each slice is scaled by its own minimum and maximum to [0, 1] (the same scaling the reported SSIM
 uses), and (lo, hi) are kept per slice so x * (hi - lo) + lo puts a reconstruction back in the file's units.
+Labels: where a split folder keras_slices_<split> has a sibling keras_slices_seg_<split>, each image
+case_XXX_week_N_slice_K is paired with seg_XXX_week_N_slice_K there, resized with nearest-neighbour.
 """
 import glob
 import hashlib
@@ -15,7 +17,7 @@ import numpy as np
 from skimage.transform import resize
 from tqdm import tqdm
 
-from utils import DataError, read_nifti
+from utils import REGIONS, DataError, read_nifti
 
 H, W = 256, 128
 SPLITS = ("train", "validate", "test")
@@ -24,7 +26,7 @@ DEMO_ROOT = os.path.join(REPO, "data", "demo")
 DEMO_SIZES = {"train": 640, "validate": 80, "test": 60}
 STUDY_ROOT = os.path.join(REPO, "data", "study")  # the phantom at the study's size, for timings (bench.py, slurm/)
 STUDY_SIZES = {"train": 11460, "validate": 660, "test": 540}
-PREP_VERSION = 1  # bump when load_slice changes, so old caches are never used
+PREP_VERSION = 2  # bump when load_slice or load_mask changes, so old caches are never used
 
 
 def list_slices(folder):
@@ -87,13 +89,70 @@ def ensure_demo(root=DEMO_ROOT, sizes=DEMO_SIZES, seed=0):
     return root
 
 
-def load_slice(path):
-    """One file -> float32 (H, W) in [0, 1], and its (lo, hi) intensity range. Raises DataError."""
-    a = read_nifti(path)
+class ConstantSlice(DataError):
+    """A slice with one value throughout (scanner padding at the end of a scan): no image to learn, skipped."""
+
+
+def normalise(a, path=""):
+    """A 2D array -> float32 (H, W) in [0, 1], resized if needed, and its (lo, hi) intensity range."""
+    if a.max() == a.min():
+        raise ConstantSlice(f"{path}: constant slice (every value is {a.min():g}), skipped")
     if a.shape != (H, W):
         a = resize(a, (H, W), anti_aliasing=True, preserve_range=True)
     lo, hi = float(a.min()), float(a.max())
     return ((a - lo) / (hi - lo)).astype(np.float32), lo, hi
+
+
+def load_slice(path, mask=None):
+    """One file -> float32 (H, W) in [0, 1], its (lo, hi) intensity range, and the labels of the label file mask
+    (None without one). Raises DataError."""
+    raw = read_nifti(path)
+    return (*normalise(raw, path), None if mask is None else load_mask(mask, path, raw.shape))
+
+
+def seg_folder(folder):
+    """keras_slices_<split> -> its sibling keras_slices_seg_<split>, or None for a folder outside that layout."""
+    folder = os.path.normpath(folder)
+    name = os.path.basename(folder)
+    if not name.startswith("keras_slices_") or name.startswith("keras_slices_seg_"):
+        return None
+    return os.path.join(os.path.dirname(folder), "keras_slices_seg_" + name[len("keras_slices_"):])
+
+
+def find_masks(files):
+    """The label file of each image, or None when the images' folders have no seg folder. An image without its
+    label file is a DataError naming both."""
+    folders = {os.path.dirname(f) for f in files}
+    segs = {d: seg_folder(d) for d in folders}
+    if not all(s and os.path.isdir(s) for s in segs.values()):
+        return None
+    listed = {}
+    for s in set(segs.values()):
+        for m in glob.glob(os.path.join(s, "seg_*.nii*")):
+            listed[(s, re.sub(r"\.nii(\.gz)?$", "", os.path.basename(m))[len("seg_"):])] = m
+    masks = []
+    for f in files:
+        key = re.sub(r"\.nii(\.gz)?$", "", os.path.basename(f))
+        key = key[len("case_"):] if key.startswith("case_") else key
+        seg = segs[os.path.dirname(f)]
+        if (seg, key) not in listed:
+            raise DataError(f"{f}: no label file seg_{key}.nii[.gz] in {seg}")
+        masks.append(listed[(seg, key)])
+    return masks
+
+
+def load_mask(path, image, shape):
+    """Labels of one slice -> uint8 (H, W), resized with nearest-neighbour. The label file must have its image's
+    shape and hold only the study's labels."""
+    m = read_nifti(path)
+    if m.shape != shape:
+        raise DataError(f"{path}: labels of shape {m.shape} do not match {image} of shape {shape}")
+    bad = ~np.isin(m, [0, *REGIONS])
+    if bad.any():
+        raise DataError(f"{path}: {np.count_nonzero(bad)} values are not labels 0-{max(REGIONS)} (e.g. {m[bad][0]:g})")
+    if m.shape != (H, W):
+        m = resize(m, (H, W), order=0, anti_aliasing=False, preserve_range=True)
+    return m.astype(np.uint8)
 
 
 def denormalise(x, lo, hi):
@@ -101,65 +160,87 @@ def denormalise(x, lo, hi):
     return x * (hi - lo) + lo
 
 
-def _load_or_error(path):
+def _load_or_error(item):
+    """(image, label file or None) -> (x, lo, hi, mask or None), or the one-line problem as a string; a constant
+    slice comes back as the ConstantSlice itself, to be skipped."""
     try:
-        return load_slice(path)
+        return load_slice(*item)
+    except ConstantSlice as e:
+        return e
     except DataError as e:
         return str(e)
 
 
 def _read_cache(path):
-    """A prepared split from its .json and .npy; raises ValueError if they do not fit together."""
+    """A prepared split from its .json and .npy files; raises ValueError if they do not fit together."""
     with open(path + ".json") as f:
         cached = json.load(f)
     # mapped copy-on-write: pages come straight from the OS page cache as they are touched, no 1.6 GB copy
     x = np.load(path + ".npy", mmap_mode="c")
-    if x.shape != (len(cached["files"]), H, W) or len(cached["lo"]) != len(x) or len(cached["hi"]) != len(x):
-        raise ValueError(f"array of shape {x.shape} for {len(cached['files'])} files")
-    return dict(x=x, **{k: np.array(v) if k in ("lo", "hi") else v for k, v in cached.items()})
+    masks = np.load(path + ".masks.npy", mmap_mode="c") if cached.pop("has_masks") else None
+    n = len(cached["files"])
+    if x.shape != (n, H, W) or len(cached["lo"]) != n or len(cached["hi"]) != n or (
+            masks is not None and masks.shape != x.shape):
+        raise ValueError(f"array of shape {x.shape} for {n} files")
+    return dict(x=x, masks=masks, **{k: np.array(v) if k in ("lo", "hi") else v for k, v in cached.items()})
+
+
+def _write_cache(path, res):
+    """The .npy files first and the .json last, each renamed into place, so an interrupted write is never taken
+    for a cache."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    arrays = [("", res["x"])] + ([(".masks", res["masks"])] if res["masks"] is not None else [])
+    for suffix, a in arrays:
+        np.save(f"{path}{suffix}.tmp{os.getpid()}.npy", a)
+        os.replace(f"{path}{suffix}.tmp{os.getpid()}.npy", f"{path}{suffix}.npy")
+    with open(f"{path}.tmp{os.getpid()}", "w") as f:
+        json.dump(dict(has_masks=res["masks"] is not None, **{k: v.tolist() if k in ("lo", "hi") else v
+                                                              for k, v in res.items() if k not in ("x", "masks")}), f)
+    os.replace(f"{path}.tmp{os.getpid()}", path + ".json")
 
 
 def _cache_key(files):
-    stats = [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
+    stats = [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files if f is not None]
     return hashlib.sha1(json.dumps([PREP_VERSION, H, W, stats]).encode()).hexdigest()[:16]
 
 
 def prepare(files, cache_dir=None, skip_bad=False, desc="prepare", workers=None):
-    """Load every file once -> dict(x=float32 (N, H, W) in [0, 1], lo, hi, files, skipped).
+    """Load every file once -> dict(x=float32 (N, H, W) in [0, 1], lo, hi, files, masks=uint8 (N, H, W) labels or
+    None, skipped, bad).
 
-    Bad files raise one DataError listing each (file: problem), unless skip_bad, which drops and lists them.
-    With cache_dir, the result is stored under a key of the file list, sizes, mtimes and preprocessing
-    settings, so any change rebuilds it and nothing stale is used."""
-    path = os.path.join(cache_dir, f"{desc}-{_cache_key(files)}") if cache_dir else None
+    Constant slices are dropped and listed in skipped. Bad files raise one DataError listing each (file: problem),
+    unless skip_bad, which drops them too and lists them in skipped and bad. With cache_dir, the result is stored
+    under a key of the file lists, sizes, mtimes and preprocessing settings, so any change rebuilds it and nothing
+    stale is used."""
+    masks = find_masks(files) or [None] * len(files)
+    path = os.path.join(cache_dir, f"{desc}-{_cache_key(files + masks)}") if cache_dir else None
     if path and os.path.exists(path + ".json"):
         try:
             cached = _read_cache(path)
         except (OSError, ValueError, KeyError) as e:  # truncated or corrupt: rebuild it, saying so
             print(f"cache {path}: unreadable ({type(e).__name__}: {e}); rebuilding it", flush=True)
             cached = None
-        if cached and (skip_bad or not cached["skipped"]):  # a strict run must still refuse the bad files it skipped
+        if cached and (skip_bad or not cached["bad"]):  # a strict run must still refuse the bad files it skipped
             return cached
+    items = list(zip(files, masks))
     workers = workers or min(len(files) // 64 + 1, os.cpu_count() or 1)
     if workers > 1:
         with mp.get_context("fork").Pool(workers) as pool:
-            out = list(tqdm(pool.imap(_load_or_error, files, chunksize=16), total=len(files), desc=desc))
+            out = list(tqdm(pool.imap(_load_or_error, items, chunksize=16), total=len(files), desc=desc))
     else:
-        out = [_load_or_error(f) for f in tqdm(files, desc=desc)]
+        out = [_load_or_error(f) for f in tqdm(items, desc=desc)]
     bad = [o for o in out if isinstance(o, str)]
     if bad and not skip_bad:
         raise DataError("\n".join(bad))
-    good = [(f, o) for f, o in zip(files, out) if not isinstance(o, str)]
+    good = [(f, o) for f, o in zip(files, out) if isinstance(o, tuple)]
     if not good:
-        raise DataError(f"{os.path.dirname(files[0])}: no usable slices ({len(bad)} bad)")
+        raise DataError(f"{os.path.dirname(files[0])}: no usable slices ({len(out)} skipped)")
     res = dict(x=np.stack([o[0] for _, o in good]), lo=np.array([o[1] for _, o in good]),
-               hi=np.array([o[2] for _, o in good]), files=[f for f, _ in good], skipped=bad)
-    if path:  # the .json is written last, so an interrupted write is never taken for a cache
-        os.makedirs(cache_dir, exist_ok=True)
-        np.save(f"{path}.tmp{os.getpid()}.npy", res["x"])
-        os.replace(f"{path}.tmp{os.getpid()}.npy", path + ".npy")
-        with open(f"{path}.tmp{os.getpid()}", "w") as f:
-            json.dump({k: v.tolist() if k in ("lo", "hi") else v for k, v in res.items() if k != "x"}, f)
-        os.replace(f"{path}.tmp{os.getpid()}", path + ".json")
+               hi=np.array([o[2] for _, o in good]), files=[f for f, _ in good],
+               masks=np.stack([o[3] for _, o in good]) if masks[0] is not None else None,
+               skipped=[str(o) for o in out if isinstance(o, ConstantSlice)] + bad, bad=bad)
+    if path:
+        _write_cache(path, res)
     return res
 
 

@@ -27,8 +27,8 @@ from tqdm import tqdm
 import dataset
 from modules import VQVAE, CodePrior, code_counts, load_model, read_checkpoint
 from utils import (DataError, atomic_torch_save, block_names, check_ranges, configure, entropy, evaluate_split,
-                   make_folder, newest, newest_first, pick_device, plot_curves, plot_grid, plot_reconstructions,
-                   psnr_torch, reconstruct, ssim_torch)
+                   figure_slices, make_folder, newest, newest_first, pick_device, plot_curves, plot_grid,
+                   plot_reconstructions, psnr_torch, reconstruct, ssim_torch, write_per_slice)
 
 # ----------------------------------------------------------------------------------------------------------------
 stage = "vqvae"            # "vqvae": the autoencoder; "prior": a transformer over a trained VQ-VAE's code grids
@@ -54,6 +54,7 @@ learning_rate = 4e-3       # 2e-3 * sqrt(batch_size / 8): rescale it with the ba
 batch_size = 32            # 8 takes 4x the steps per epoch: better on the small demo, slow on a GPU (README)
 n_epochs = 150
 ssim_weight = 0.0          # loss = MSE + ssim_weight * (1 - SSIM) + commitment
+organ_weight = 0.0         # where the training data has labels, MSE weighs bladder, rectum and prostate 1 + this
 # prior (stage 2)
 vqvae_checkpoint = None    # the frozen VQ-VAE; None = the newest runs/*/best_model.pt
 prior_d_model = 64         # sized for the CPU demo (README, Generation); a GPU affords a larger prior
@@ -61,6 +62,8 @@ prior_n_layers = 4
 prior_n_heads = 4
 prior_dropout = 0.0
 prior_window = 64          # codes each position attends to (two rows of the 64x32 grid); 0 = the whole prefix
+prior_global_layers = 0    # the last this many of the prior_n_layers blocks attend to the whole prefix, not the window
+prior_scan = "raster"      # order the grid rows are read: "raster" (0, 1, ..), or "centre_out" (31, 32, 30, 33, ..)
 prior_learning_rate = 5e-3
 prior_batch_size = 8
 prior_n_epochs = 50
@@ -78,28 +81,35 @@ time_limit_minutes = None  # stop cleanly after the step that crosses it, then v
 resume = False             # True: continue out_dir, or the newest run if its settings match; or a run folder's path
 eval_batch_size = 64
 plot_every = 10            # epochs between redraws of the curves (also drawn at the last epoch); figures cost seconds
+tensorboard = False        # also log to <run>/tensorboard: scalars per epoch, reconstructions at each best epoch
 # --resume continues a run only with the same settings, except those that cannot change what is learnt:
-# n_epochs, prior_n_epochs, time_limit_minutes, device, amp, compile, eval_batch_size, cache_dir, plot_every
+# n_epochs, prior_n_epochs, time_limit_minutes, device, amp, compile, eval_batch_size, cache_dir, plot_every,
+# tensorboard
 # ----------------------------------------------------------------------------------------------------------------
 config_keys = block_names(globals())
+DEFAULTS = {k: globals()[k] for k in config_keys}  # a run saved before a name existed had its default
 TYPES = {k: (str,) for k in ("data_dir", "train_dir", "validate_dir", "test_dir", "cache_dir", "out_dir", "vqvae_checkpoint")}
 TYPES.update(time_limit_minutes=(float,), resume=(bool, str))
 SYNC_EVERY = 16  # steps between stop-flag exchanges under DDP
 MODEL_KEYS = ("n_hiddens", "n_residual_hiddens", "n_residual_layers", "embedding_dim", "n_embeddings", "beta",
               "ema_decay")
 SAFE_ON_RESUME = ("n_epochs", "prior_n_epochs", "time_limit_minutes", "device", "amp", "compile", "eval_batch_size",
-                  "cache_dir", "plot_every", "resume", "out_dir")
+                  "cache_dir", "plot_every", "tensorboard", "resume", "out_dir")
 RANGES = [  # checked before any data is read
     (("n_hiddens",), lambda v: v >= 2, "at least 2"),
     (("n_residual_hiddens", "embedding_dim", "n_embeddings", "batch_size", "n_epochs", "warmup_steps", "prior_d_model",
       "prior_n_layers", "prior_n_heads", "prior_batch_size", "prior_n_epochs", "prior_warmup_steps", "eval_batch_size",
       "plot_every"),
      lambda v: v >= 1, "at least 1"),
-    (("n_residual_layers", "beta", "ssim_weight", "grad_clip", "prior_window"), lambda v: v >= 0, "0 or more"),
+    (("n_residual_layers", "beta", "ssim_weight", "organ_weight", "grad_clip", "prior_window"), lambda v: v >= 0,
+     "0 or more"),
     (("learning_rate", "prior_learning_rate", "time_limit_minutes"), lambda v: v > 0, "positive"),
     (("val_fraction",), lambda v: 0 < v < 1, "between 0 and 1"),
     (("ema_decay", "prior_dropout"), lambda v: 0 <= v < 1, "at least 0 and below 1"),
     (("stage",), lambda v: v in ("vqvae", "prior"), "vqvae or prior"),
+    # prior_n_layers: the module global, which configure() has already set from the command line
+    (("prior_global_layers",), lambda v: 0 <= v <= prior_n_layers, "0 to --prior_n_layers"),
+    (("prior_scan",), lambda v: v in ("raster", "centre_out"), "raster or centre_out"),
 ]
 
 
@@ -113,6 +123,14 @@ class Run:
         self.ddp, self.rank, self.world, self.dev, self.autocast = ddp, rank, world, dev, autocast
         self.master = rank == 0
         self.out = None
+        self.tb = None  # a TensorBoard SummaryWriter on rank 0 when switched on
+
+    def log_scalars(self, row, stage):
+        if self.tb:
+            for k, v in row.items():
+                if k != "epoch" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"{stage}/{k}", v, row["epoch"])
+            self.tb.flush()
 
     def log(self, *a):
         if self.master:
@@ -153,7 +171,19 @@ def setup_run(config):
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=config["amp"] and dev.type == "cuda")
     run = Run(ddp, rank, world, dev, autocast)
     run.out = output_folder(run, config)
+    run.tb = tensorboard_writer(run, config)
     return run
+
+
+def tensorboard_writer(run, config):
+    """A SummaryWriter into <run>/tensorboard on rank 0 when switched on; tensorboard is imported only then."""
+    if not (config["tensorboard"] and run.master):
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise DataError("--tensorboard=True needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(run.path("tensorboard"))
 
 
 def output_folder(run, config):
@@ -214,8 +244,9 @@ def load_resume_state(run, config):
         raise DataError(f"--resume: {path} keeps no record of its settings, so what it continues cannot be checked")
     if state["stage"] != config["stage"]:
         raise DataError(f"--resume: {path} is a {state['stage']} run; add --stage={state['stage']}")
-    differences = [f"{k}={state['config'].get(k)!r} there, {v!r} here" for k, v in config.items()
-                   if k not in SAFE_ON_RESUME and state["config"].get(k) != v]
+    saved = dict(DEFAULTS, **state["config"])
+    differences = [f"{k}={saved[k]!r} there, {v!r} here" for k, v in config.items()
+                   if k not in SAFE_ON_RESUME and saved[k] != v]
     if differences:
         raise DataError(f"--resume: will not continue {run.out}, its settings differ: {'; '.join(differences)}")
     best = run.path("best_model.pt" if config["stage"] == "vqvae" else "best_prior.pt")
@@ -246,7 +277,8 @@ def prepare_splits(run, splits, names, config):
     if run.master and skipped:
         with open(run.path("skipped.txt"), "w") as f:
             f.write("\n".join(skipped) + "\n")
-        run.log(f"skipped {len(skipped)} bad slices (listed in {run.path('skipped.txt')})")
+        run.log(f"skipped {len(skipped)} slices, constant or bad (listed in {run.path('skipped.txt')}):\n  "
+                + "\n  ".join(skipped[:5]) + ("\n  ..." if len(skipped) > 5 else ""))
     return prepared
 
 
@@ -430,6 +462,7 @@ def fit(run, model, x_train, train_loss, validate, on_best, hp, record, state=No
         del row["score"]
         pos["rows"].append(row)
         run.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        run.log_scalars(row, record["stage"])
         # last.pt first (it holds the rows, so every file after it can be redone), then the best model and the files
         if run.master:
             improved = metrics["score"] > pos["best"]
@@ -449,11 +482,16 @@ def fit(run, model, x_train, train_loss, validate, on_best, hp, record, state=No
 
 # ---- stage 1: the VQ-VAE ------------------------------------------------------------------------------------------
 
-def vqvae_loss(net, xb, ssim_weight=0.0):
-    """MSE + ssim_weight * (1 - SSIM) + the commitment term -> (loss, loss): the training step's loss (and bench's)."""
+ORGANS = (3, 4, 5)  # bladder, rectum, prostate: the labels organ_weight weighs
+
+
+def vqvae_loss(net, batch, ssim_weight=0.0):
+    """MSE + ssim_weight * (1 - SSIM) + the commitment term -> (loss, loss): the training step's loss (and bench's).
+    A batch of images (B, 1, H, W), or (B, 2, H, W) with each pixel's MSE weight as the second channel."""
+    xb, weight = batch[:, :1], batch[:, 1:]
     xh, commit, _ = net(xb)
     xh = xh.float()
-    loss = F.mse_loss(xh, xb) + commit
+    loss = (((xh - xb) ** 2 * weight).sum() / weight.sum() if weight.numel() else F.mse_loss(xh, xb)) + commit
     if ssim_weight:
         loss = loss + ssim_weight * (1 - ssim_torch(xh, xb).mean())
     return loss, loss
@@ -500,6 +538,9 @@ def train_vqvae(run, config, state):
         run.log(" ".join(f"{s}: {len(p['files'])} slices" for s, p in prepared.items()))
     # the whole split lives on the device; batches are drawn by index (no DataLoader, no per-batch host work)
     x_train = torch.from_numpy(prepared["train"]["x"]).to(run.dev)[:, None]
+    if c.organ_weight and prepared["train"]["masks"] is not None:  # each pixel's loss weight rides as a channel
+        organs = torch.from_numpy(np.isin(prepared["train"]["masks"], ORGANS)).to(run.dev)[:, None]
+        x_train = torch.cat([x_train, 1 + c.organ_weight * organs.float()], 1)
     x_val = torch.from_numpy(prepared["validate"]["x"]).to(run.dev)[:, None]
     torch.manual_seed(c.seed)
     model_args = {k: config[k] for k in MODEL_KEYS}
@@ -514,8 +555,11 @@ def train_vqvae(run, config, state):
                                normalisation="per-slice min-max to [0, 1]; x * (hi - lo) + lo restores units"),
                           run.path("best_model.pt"))
         if epoch == 0:
-            plot_validation(run, model, prepared["validate"]["x"], "recon_epoch0.png",
+            plot_validation(run, model, prepared["validate"], "recon_epoch0.png",
                             f"validation, epoch 0, SSIM {m['val_ssim']:.4f}")
+        if run.tb:
+            run.tb.add_image("vqvae/validation originals over reconstructions",
+                             validation_strip(run, model, prepared["validate"]), epoch, dataformats="HW")
 
     interrupted = fit(run, model, x_train, lambda net, xb: vqvae_loss(net, xb, c.ssim_weight),
                       lambda net: validate_vqvae(run, net, x_val, c.n_embeddings, c.eval_batch_size), on_best,
@@ -523,7 +567,7 @@ def train_vqvae(run, config, state):
     if interrupted or not run.master:
         return
     best, ckpt = load_model(run.path("best_model.pt"), run.dev, kind="vqvae")
-    plot_validation(run, best, prepared["validate"]["x"], "recon_best.png",
+    plot_validation(run, best, prepared["validate"], "recon_best.png",
                     f"validation, best epoch {ckpt['epoch']}, SSIM {ckpt['val_ssim']:.4f}")
     if "test" not in prepared:
         run.log(f"no test split (no keras_slices_test folder under {root}, no --test_dir): the test is skipped")
@@ -531,26 +575,44 @@ def train_vqvae(run, config, state):
     test_best_model(run, best, ckpt, prepared["test"], c.eval_batch_size)
 
 
-def plot_validation(run, model, x, name, title):
-    """Originals, reconstructions and errors of the first validation slices; the model's train/eval mode is kept."""
+def reconstruct_shown(run, model, p):
+    """The slices of a split that figures show (figure_slices) and their reconstructions; the model's train/eval
+    mode is kept."""
+    show = figure_slices(p)
     was_training = model.training
-    rec, _ = reconstruct(model.eval(), x[:6], run.dev)
+    rec, _ = reconstruct(model.eval(), p["x"][show], run.dev)
     model.train(was_training)
-    plot_reconstructions(x[:6], rec, run.path(name), title)
+    return show, rec
+
+
+def plot_validation(run, model, p, name, title):
+    """Originals, reconstructions and errors of six validation slices."""
+    show, rec = reconstruct_shown(run, model, p)
+    plot_reconstructions(p["x"][show], rec, run.path(name), title, None if p["masks"] is None else p["masks"][show])
+
+
+def validation_strip(run, model, p):
+    """The figure's validation slices above their reconstructions, as one (2 * 128, n * 256) image in [0, 1]."""
+    show, rec = reconstruct_shown(run, model, p)
+    return np.concatenate([np.concatenate(list(a.transpose(0, 2, 1)), 1) for a in (p["x"][show], rec.clip(0, 1))])
 
 
 def test_best_model(run, best, ckpt, p, batch_size):
     """The best model on the test split, scored with the reference metric (scikit-image); it never chooses a model."""
     rows = list(csv.DictReader(open(run.path("metrics.csv"))))
-    rec, _, means = evaluate_split(best, p, run.dev, batch_size)
+    rec, scores, means = evaluate_split(best, p, run.dev, batch_size)
     result = dict(**means, best_epoch=ckpt["epoch"], val_ssim=ckpt["val_ssim"], epochs=len(rows),
                   train_seconds=sum(float(r["seconds"]) for r in rows))
     with open(run.path("test_metrics.json"), "w") as f:
         json.dump(result, f, indent=1)
-    n = min(6, len(p["x"]))
-    plot_reconstructions(p["x"][:n], rec[:n], run.path("recon_test.png"),
-                         f"test split, best model (epoch {ckpt['epoch']}), mean SSIM {result['ssim']:.4f}")
-    run.log(f"test: ssim={result['ssim']:.4f} psnr={result['psnr']:.2f} on {result['n_slices']} slices -> {run.out}")
+    write_per_slice(run.path("test_per_slice.csv"), [os.path.basename(f) for f in p["files"]], scores)
+    show = figure_slices(p)
+    plot_reconstructions(p["x"][show], rec[show], run.path("recon_test.png"),
+                         f"test split, best model (epoch {ckpt['epoch']}), mean SSIM {result['ssim']:.4f}",
+                         None if p["masks"] is None else p["masks"][show])
+    run.log(f"test: ssim={result['ssim']:.4f} psnr={result['psnr']:.2f} on {result['n_slices']} slices"
+            + "".join(f", {k} {r['ssim']:.4f} ({r['n_slices']})" for k, r in result.get("regions", {}).items()
+                      if r["n_slices"]) + f" -> {run.out}")
 
 
 # ---- stage 2: the prior over code grids ---------------------------------------------------------------------------
@@ -591,7 +653,8 @@ def train_prior(run, config, state):
             f"{entropy(train_counts) / math.log(2):.3f} bits, validation under train unigram {unigram_val:.3f} bits")
     torch.manual_seed(c.seed)
     model_args = dict(n_codes=n_codes, grid=grid, d_model=c.prior_d_model, n_layers=c.prior_n_layers,
-                      n_heads=c.prior_n_heads, dropout=c.prior_dropout, window=c.prior_window)
+                      n_heads=c.prior_n_heads, dropout=c.prior_dropout, window=c.prior_window,
+                      n_global_layers=c.prior_global_layers, scan=c.prior_scan)
     model = CodePrior(**model_args).to(run.dev)
 
     def prior_loss(net, cb):

@@ -4,8 +4,10 @@ The metric (see README): each ground-truth slice is scaled to [0, 1] by its own 
 in the same intensity units, is scaled by that same min and max and clipped to [0, 1]; SSIM is scikit-image's
 `structural_similarity` with its defaults (7x7 uniform window, K1=0.01, K2=0.03, sample covariance) and
 data_range=1; PSNR uses data_range=1. `ssim_torch` is a batched twin of the scikit-image SSIM, checked in tests.
+Per-organ scores (where the data has segmentation labels) average the same SSIM map over an organ's pixels.
 """
 import ast
+import csv
 import glob
 import gzip
 import os
@@ -19,13 +21,19 @@ import torch.nn.functional as F
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 
+REGIONS = {1: "body", 2: "bone", 3: "bladder", 4: "rectum", 5: "prostate"}  # the study's label values
+PROSTATE = 5
+OUTLINED = {PROSTATE: "red", 3: "cyan"}  # prostate and bladder in the reconstruction figures
+MIN_REGION_PIXELS = 20  # a slice counts toward a region's mean only where the region has this many pixels
+
+
 class DataError(ValueError):
     """A bad input: a data file or folder, a checkpoint, an option. The message is one line that names it and the
     problem; each script's entry point prints it as `error: ...` and exits with status 1."""
 
 
-def read_nifti(path):
-    """Read one 2D slice stored as (H, W) or (H, W, 1) -> float64 (H, W). Raises DataError on bad input."""
+def read_image(path):
+    """Read a NIfTI file -> (its nibabel image, float64 array of any shape). Raises DataError on bad input."""
     path = str(path)
     try:
         with open(path, "rb") as f:
@@ -43,31 +51,86 @@ def read_nifti(path):
         raise DataError(f"{path}: corrupt gzip ({e})") from None
     except Exception as e:  # nibabel raises several types for non-NIfTI content
         raise DataError(f"{path}: not a readable NIfTI file ({type(e).__name__}: {e})") from None
+    if not np.isfinite(a).all():
+        raise DataError(f"{path}: contains {np.count_nonzero(~np.isfinite(a))} NaN or Inf values")
+    return img, a
+
+
+def read_nifti(path):
+    """Read one 2D slice stored as (H, W) or (H, W, 1) -> float64 (H, W). Raises DataError on bad input."""
+    _, a = read_image(path)
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[:, :, 0]
     if a.ndim != 2:
         raise DataError(f"{path}: expected a 2D slice (H, W) or (H, W, 1), got shape {a.shape}")
-    if not np.isfinite(a).all():
-        raise DataError(f"{path}: contains {np.count_nonzero(~np.isfinite(a))} NaN or Inf values")
-    if a.max() == a.min():
-        raise DataError(f"{path}: constant slice (every value is {a.min():g}), cannot be normalised")
     return a
 
 
 # ---- metrics ----------------------------------------------------------------------------------------------------
 
-def score(gt, rec):
-    """Reference metric for one slice in intensity units: (ssim, psnr) with scikit-image, as defined above."""
+def score(gt, rec, labels=None):
+    """Reference metric for one slice in intensity units -> {"ssim", "psnr"}, plus "<region>_ssim" and
+    "<region>_psnr" for each labelled region that the slice holds (see region_scores)."""
     lo, hi = float(gt.min()), float(gt.max())
     g = (gt - lo) / max(hi - lo, 1e-8)
     r = np.clip((rec - lo) / max(hi - lo, 1e-8), 0.0, 1.0)
-    return structural_similarity(g, r, data_range=1.0), peak_signal_noise_ratio(g, r, data_range=1.0)
+    ssim, ssim_map = structural_similarity(g, r, data_range=1.0, full=True)
+    out = dict(ssim=float(ssim), psnr=float(peak_signal_noise_ratio(g, r, data_range=1.0)))
+    if labels is not None:
+        out.update(region_scores(g, r, ssim_map, labels))
+    return out
 
 
-def score_split(x, rec, lo, hi):
-    """Per-slice (ssim, psnr) with the reference metric, both arrays brought back to intensity units."""
-    return np.array([score(x[i].astype(np.float64) * (hi[i] - lo[i]) + lo[i],
-                           rec[i].astype(np.float64) * (hi[i] - lo[i]) + lo[i]) for i in range(len(x))])
+def region_scores(g, r, ssim_map, labels, win=7):
+    """Per-organ SSIM and PSNR of one slice pair in [0, 1]: SSIM is scikit-image's SSIM map averaged over the
+    region's pixels, and PSNR comes from the mean squared error over the same pixels. Both leave out the win // 2
+    border, as the whole-image SSIM does. A region counts only where it has MIN_REGION_PIXELS pixels there."""
+    inner = (slice(win // 2, -(win // 2)),) * 2
+    g, r, ssim_map, labels = g[inner], r[inner], ssim_map[inner], labels[inner]
+    out = {}
+    for value, name in REGIONS.items():
+        m = labels == value
+        if m.sum() >= MIN_REGION_PIXELS:
+            mse = max(float(((g[m] - r[m]) ** 2).mean()), 1e-12)
+            out[f"{name}_ssim"], out[f"{name}_psnr"] = float(ssim_map[m].mean()), 10 * np.log10(1 / mse)
+    return out
+
+
+def score_split(x, rec, lo, hi, masks=None):
+    """Per-slice scores of a split with the reference metric, both arrays brought back to intensity units ->
+    {column: (N,) array}: ssim and psnr, and with masks each region's, NaN where the slice lacks the region."""
+    columns = ["ssim", "psnr"] + ([f"{n}_{m}" for n in REGIONS.values() for m in ("ssim", "psnr")] if masks is not None
+                                  else [])
+    out = {c: np.full(len(x), np.nan) for c in columns}
+    for i in range(len(x)):
+        units = [a[i].astype(np.float64) * (hi[i] - lo[i]) + lo[i] for a in (x, rec)]
+        s = score(*units, None if masks is None else masks[i])
+        for c, v in s.items():
+            out[c][i] = v
+    return out
+
+
+def split_means(scores):
+    """Means of score_split's columns: ssim, psnr, n_slices, and per region its means and how many slices it
+    covers."""
+    means = dict(ssim=float(scores["ssim"].mean()), psnr=float(scores["psnr"].mean()), n_slices=len(scores["ssim"]))
+    regions = {}
+    for name in REGIONS.values():
+        if f"{name}_ssim" in scores:
+            have = ~np.isnan(scores[f"{name}_ssim"])
+            regions[name] = dict(ssim=float(scores[f"{name}_ssim"][have].mean()) if have.any() else None,
+                                 psnr=float(scores[f"{name}_psnr"][have].mean()) if have.any() else None,
+                                 n_slices=int(have.sum()))
+    return dict(means, regions=regions) if regions else means
+
+
+def write_per_slice(path, names, scores):
+    """per_slice.csv: one row per slice, a column per score; empty where a region is absent."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file", *scores])
+        for i, name in enumerate(names):
+            w.writerow([name, *("" if np.isnan(v[i]) else f"{v[i]:.6f}" for v in scores.values())])
 
 
 def box_mean(x, win):
@@ -146,11 +209,11 @@ def reconstruct(model, x, device, batch_size=64):
 
 
 def evaluate_split(model, prepared, device, batch_size=64):
-    """Reconstruct a prepared split and score it with the reference metric -> (reconstructions, per-slice
-    (ssim, psnr), means dict). The test scoring of train.py and predict.py are this one function."""
+    """Reconstruct a prepared split and score it with the reference metric -> (reconstructions, per-slice scores
+    from score_split, their split_means). The test scoring of train.py and predict.py are this one function."""
     rec, _ = reconstruct(model, prepared["x"], device, batch_size)
-    scores = score_split(prepared["x"], rec, prepared["lo"], prepared["hi"])
-    return rec, scores, dict(ssim=float(scores[:, 0].mean()), psnr=float(scores[:, 1].mean()), n_slices=len(scores))
+    scores = score_split(prepared["x"], rec, prepared["lo"], prepared["hi"], prepared.get("masks"))
+    return rec, scores, split_means(scores)
 
 
 # ---- figures ----------------------------------------------------------------------------------------------------
@@ -178,25 +241,43 @@ def plot_grid(x, path, titles=None, ncols=4):
     plt.close(fig)
 
 
-def plot_reconstructions(x, rec, path, title=""):
-    """Rows: originals, reconstructions, absolute error; x, rec (N, H, W) in [0, 1], shown as axial images."""
+def plot_reconstructions(x, rec, path, title="", masks=None):
+    """Rows: originals, reconstructions, absolute error; x, rec (N, H, W) in [0, 1], shown as axial images. With
+    masks (N, H, W) of labels, the prostate and the bladder are outlined on the originals and reconstructions."""
     plt = _pyplot()
     n = len(x)
     fig, axes = plt.subplots(3, n, figsize=(2.6 * n, 4.6), squeeze=False)
     for i in range(n):
         err = np.abs(np.clip(rec[i], 0, 1) - x[i])
-        s, _ = score(x[i].astype(np.float64), rec[i].astype(np.float64))
+        s = score(x[i].astype(np.float64), rec[i].astype(np.float64))["ssim"]
         for row, (img, vmax) in enumerate(((x[i], 1), (np.clip(rec[i], 0, 1), 1), (err, 0.2))):
             axes[row, i].imshow(img.T, cmap="gray" if row < 2 else "inferno", vmin=0, vmax=vmax)
             axes[row, i].axis("off")
+            if masks is not None and row < 2:
+                for value, colour in OUTLINED.items():
+                    if (masks[i] == value).any():
+                        axes[row, i].contour(masks[i].T == value, levels=[0.5], colors=colour, linewidths=0.6)
         axes[1, i].set_title(f"SSIM {s:.3f}", fontsize=8)
     for row, name in enumerate(("original", "reconstruction", "|error| (0-0.2)")):
         axes[row, 0].text(-0.05, 0.5, name, transform=axes[row, 0].transAxes, rotation=90,
                           va="center", ha="right", fontsize=8)
+    if masks is not None:
+        title += "   (outlined: " + ", ".join(f"{REGIONS[v]} {c}" for v, c in OUTLINED.items()) + ")"
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def figure_slices(prepared, n=6):
+    """Indices of n slices for a reconstruction figure, spread over the split; where there are labels, among the
+    slices that hold the prostate, so that its outline shows."""
+    pool = np.arange(len(prepared["x"]))
+    masks = prepared.get("masks")
+    if masks is not None:
+        holding = np.flatnonzero((masks == PROSTATE).reshape(len(masks), -1).sum(1) >= MIN_REGION_PIXELS)
+        pool = holding if len(holding) >= n else pool
+    return pool[np.linspace(0, len(pool) - 1, min(n, len(pool))).astype(int)]
 
 
 def plot_curves(rows, out):

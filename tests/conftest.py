@@ -27,8 +27,9 @@ def write_slice(path, data, affine=None):
     nib.save(img, str(path))
 
 
-def make_study(root, cases=None, per_case=3, seed=0):
-    """A course-layout folder with the study's names, shapes and dtypes (all four kinds in every split)."""
+def make_study(root, cases=None, per_case=3, seed=0, seg=False):
+    """A course-layout folder with the study's names, shapes and dtypes (all four kinds in every split), and with
+    seg the label files beside them (keras_slices_seg_<split>/seg_XXX_week_N_slice_K)."""
     cases = cases or {"train": [4, 5, 6, 7], "validate": [36], "test": [40]}
     kinds = ["f32", "i16", "wide", "3d"]
     for split, ids in cases.items():
@@ -37,15 +38,18 @@ def make_study(root, cases=None, per_case=3, seed=0):
         for c in ids:
             for k in range(per_case):
                 kind = kinds[(c + k) % 4]
-                a = phantom_slice(c, 0, k, per_case, width=144 if kind == "wide" else 128, seed=seed)
-                if kind == "i16":
-                    a = np.rint(a).astype(np.int16)
-                else:
-                    a = a.astype(np.float32)
+                # slices from the middle of a scan, where the organs are (the ends may be empty)
+                a, labels = phantom_slice(c, 0, k + per_case, 3 * per_case, width=144 if kind == "wide" else 128,
+                                          seed=seed, labels=True)
+                a = np.rint(a).astype(np.int16) if kind == "i16" else a.astype(np.float32)
                 if kind == "3d":
-                    a = a[..., None]
+                    a, labels = a[..., None], labels[..., None]
                 ext = ".nii" if k == 1 else ".nii.gz"
                 write_slice(os.path.join(d, f"case_{c:03d}_week_0_slice_{k}{ext}"), a)
+                if seg:
+                    os.makedirs(os.path.join(root, f"keras_slices_seg_{split}"), exist_ok=True)
+                    write_slice(os.path.join(root, f"keras_slices_seg_{split}", f"seg_{c:03d}_week_0_slice_{k}{ext}"),
+                                labels)
     return str(root)
 
 

@@ -26,7 +26,7 @@ def test_loader_reads_every_kind(study):
 def test_resize_is_scikit_image_anti_aliased(tmp_path):
     a = np.random.default_rng(0).random((256, 144)).astype(np.float32) * 100
     write_slice(tmp_path / "case_001_week_0_slice_0.nii.gz", a)
-    x, lo, hi = dataset.load_slice(str(tmp_path / "case_001_week_0_slice_0.nii.gz"))
+    x, lo, hi, _ = dataset.load_slice(str(tmp_path / "case_001_week_0_slice_0.nii.gz"))
     expect = resize(a.astype(np.float64), (256, 128), anti_aliasing=True, preserve_range=True)
     assert x.shape == (256, 128) and (lo, hi) == (expect.min(), expect.max())
     assert np.allclose(x, (expect - lo) / (hi - lo), atol=1e-6)
@@ -34,7 +34,7 @@ def test_resize_is_scikit_image_anti_aliased(tmp_path):
 
 def test_normalisation_round_trip(study):
     f = dataset.find_splits(study)["train"][0]
-    x, lo, hi = dataset.load_slice(f)
+    x, lo, hi, _ = dataset.load_slice(f)
     raw = read_nifti(f)
     assert np.allclose(dataset.denormalise(x.astype(np.float64), lo, hi), raw, rtol=1e-5, atol=1e-3 * (hi - lo))
 
@@ -77,12 +77,11 @@ def bad_files(tmp_path):
     nan = ok.copy()
     nan[3, 3] = np.nan
     write_slice(tmp_path / "case_001_week_0_slice_3.nii.gz", nan)
-    write_slice(tmp_path / "case_001_week_0_slice_4.nii.gz", np.full((256, 128), 7, np.int16))
     inf = ok.copy()
     inf[0, 0] = np.inf
     write_slice(tmp_path / "case_001_week_0_slice_5.nii.gz", inf)
     return {"slice_0": "not a readable NIfTI", "slice_1": "corrupt gzip", "slice_2": "got shape (256, 128, 3)",
-            "slice_3": "NaN or Inf", "slice_4": "constant slice", "slice_5": "NaN or Inf"}
+            "slice_3": "NaN or Inf", "slice_5": "NaN or Inf"}
 
 
 def test_each_bad_input_names_file_and_problem(tmp_path):
@@ -101,7 +100,17 @@ def test_prepare_refuses_or_skips_bad_files(tmp_path):
         dataset.prepare(files)
     assert len(str(e.value).splitlines()) == len(expected)
     p = dataset.prepare(files, skip_bad=True)
-    assert p["files"] == [str(tmp_path / "good.nii")] and len(p["skipped"]) == len(expected)
+    assert p["files"] == [str(tmp_path / "good.nii")] and len(p["skipped"]) == len(p["bad"]) == len(expected)
+
+
+def test_constant_slices_are_skipped_and_listed(tmp_path, study):
+    files = dataset.find_splits(study)["train"]
+    const = os.path.join(study, "keras_slices_train", "case_004_week_0_slice_7.nii.gz")
+    write_slice(const, np.zeros((256, 128), np.int16))
+    p = dataset.prepare(files + [const], str(tmp_path / "cache"))  # strict: constant slices are not bad input
+    assert p["files"] == files and p["bad"] == []
+    assert p["skipped"] == [f"{const}: constant slice (every value is 0), skipped"]
+    assert dataset.prepare(files + [const], str(tmp_path / "cache"))["skipped"] == p["skipped"]  # from the cache
 
 
 def test_missing_and_empty_folders(tmp_path):

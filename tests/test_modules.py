@@ -103,8 +103,8 @@ def test_box_mean_equals_average_pool():
 
 def test_score_uses_ground_truth_range():
     gt = np.linspace(100, 500, 64 * 64).reshape(64, 64)
-    assert score(gt, gt)[0] == 1.0
-    assert score(gt, gt * 3)[0] < 0.9  # out of range values are clipped, not rescaled
+    assert score(gt, gt)["ssim"] == 1.0
+    assert score(gt, gt * 3)["ssim"] < 0.9  # out of range values are clipped, not rescaled
 
 
 def test_checkpoint_round_trip(tmp_path):

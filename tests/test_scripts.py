@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY, make_study, run, write_slice
-from utils import apply_overrides
+from utils import apply_overrides, score
 
 
 def test_overrides_keep_types():
@@ -34,26 +34,38 @@ def test_overrides_refuse_bad_names_and_types(arg, says):
 def test_train_refuses_bad_input_before_training(tmp_path):
     root = make_study(tmp_path / "d", per_case=2)
     bad = os.path.join(root, "keras_slices_train", "case_004_week_0_slice_9.nii.gz")
-    write_slice(bad, np.full((256, 128), 3.0, np.float32))
+    write_slice(bad, np.full((256, 128), np.nan, np.float32))
     r = run("train.py", f"--data_dir={root}", f"--out_dir={tmp_path / 'run'}", *TINY, cwd=tmp_path)
-    assert r.returncode != 0 and f"error: {bad}: constant slice" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode != 0 and f"error: {bad}: contains" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "run" / "best_model.pt").exists()
     r = run("train.py", "--data_dir=/nonexistent", cwd=tmp_path)
     assert r.returncode != 0 and "/nonexistent/keras_slices_train: folder not found" in r.stderr
 
 
 def test_train_then_predict_end_to_end(tmp_path):
-    root = make_study(tmp_path / "d", per_case=4)
+    root = make_study(tmp_path / "d", per_case=4, seg=True)
+    const = os.path.join(root, "keras_slices_test", "case_040_week_0_slice_9.nii.gz")
+    write_slice(const, np.zeros((256, 128), np.int16))  # scanner padding: skipped, listed, never fatal
+    write_slice(const.replace("keras_slices_test", "keras_slices_seg_test").replace("case_", "seg_"),
+                np.zeros((256, 128), np.uint8))
     out = tmp_path / "runs" / "a"
     r = run("train.py", f"--data_dir={root}", f"--out_dir={out}", "--n_epochs=2", *TINY, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     for name in ("best_model.pt", "last.pt", "metrics.csv", "loss.png", "ssim.png", "recon_epoch0.png",
-                 "recon_best.png", "splits.json", "data_samples.png", "test_metrics.json", "recon_test.png"):
+                 "recon_best.png", "splits.json", "data_samples.png", "test_metrics.json", "recon_test.png",
+                 "test_per_slice.csv", "skipped.txt"):
         assert (out / name).exists(), name
+    assert const in (out / "skipped.txt").read_text() and const in r.stdout
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert [r["epoch"] for r in rows] == ["0", "1"] and all(0 < float(r["codebook_usage"]) <= 1 for r in rows)
     test = json.load(open(out / "test_metrics.json"))
     assert test["n_slices"] == 4 and 0 < test["ssim"] < 1
+    assert 0 < test["regions"]["prostate"]["ssim"] < 1 and 1 <= test["regions"]["prostate"]["n_slices"] <= 4
+    per_slice = list(csv.DictReader(open(out / "test_per_slice.csv")))
+    assert len(per_slice) == 4 and {"prostate_ssim", "bladder_psnr", "rectum_ssim"} <= set(per_slice[0])
+    have = [float(p["prostate_ssim"]) for p in per_slice if p["prostate_ssim"]]
+    assert len(have) == test["regions"]["prostate"]["n_slices"] and abs(np.mean(have) -
+                                                                        test["regions"]["prostate"]["ssim"]) < 1e-5
     splits = json.load(open(out / "splits.json"))
     assert len(splits["train"]) == 16 and len(splits["validate"]) == 4
 
@@ -63,14 +75,18 @@ def test_train_then_predict_end_to_end(tmp_path):
     pred = out / "predict_test"
     m = json.load(open(pred / "metrics.json"))
     assert abs(m["ssim"] - test["ssim"]) < 1e-6  # same model, same split, same metric
+    for name, region in test["regions"].items():
+        assert m["regions"][name] == pytest.approx(region)
+    assert m["skipped"] == []  # the run's splits.json lists the slices it kept
     rows = list(csv.DictReader(open(pred / "per_slice.csv")))
-    assert len(rows) == 4 and (pred / "reconstructions.png").exists()
-    for src in splits["test"]:
+    assert rows == per_slice and (pred / "reconstructions.png").exists()
+    for src, row in zip(splits["test"], rows):
         rec = nib.load(pred / "nifti" / os.path.basename(src))
         img = nib.load(src)
         assert rec.shape == img.shape and np.allclose(rec.affine, img.affine)
-        a, b = rec.get_fdata(), img.get_fdata()
-        assert abs(np.median(a) - np.median(b)) < 0.2 * (b.max() - b.min())  # same intensity units
+        a, b = rec.get_fdata().reshape(256, -1), img.get_fdata().reshape(256, -1)
+        if b.shape == (256, 128):  # in the input's intensity units: scored against it, the file gives the same SSIM
+            assert score(b, a)["ssim"] == pytest.approx(float(row["ssim"]), abs=1e-4)
 
 
 def test_time_limit_stops_then_validates_and_tests(tmp_path):
@@ -82,3 +98,52 @@ def test_time_limit_stops_then_validates_and_tests(tmp_path):
     assert "time limit of 0.05 min reached" in r.stdout
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert 1 <= len(rows) < 500 and json.load(open(out / "test_metrics.json"))["epochs"] == len(rows)
+
+
+def test_predict_input_any_nifti_and_3d_volumes(tmp_path):
+    root = make_study(tmp_path / "d", per_case=2)
+    ckpt = tmp_path / "run" / "best_model.pt"
+    assert run("train.py", f"--data_dir={root}", f"--out_dir={ckpt.parent}", "--n_epochs=1", *TINY,
+               cwd=tmp_path).returncode == 0
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    files = sorted((tmp_path / "d" / "keras_slices_test").iterdir())
+    vol = np.stack([nib.load(f).get_fdata().reshape(256, -1)[:, :128] for f in files] + [np.zeros((256, 128))], -1)
+    affine = np.array([[0, -0.9, 0, 10], [1.1, 0, 0, -5], [0, 0, 2.5, 3], [0, 0, 0, 1]])
+    write_slice(scans / "volume.nii.gz", (vol * 3).astype(np.int16), affine)  # (256, 128, 3), the last one empty
+    write_slice(scans / "one.nii", nib.load(files[0]).get_fdata().astype(np.float32))
+    r = run("predict.py", f"--checkpoint={ckpt}", f"--input={scans}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = ckpt.parent / "predict_input"
+    rows = list(csv.DictReader(open(out / "per_slice.csv")))
+    assert [r["file"] for r in rows] == ["one.nii", "volume.nii.gz:0", "volume.nii.gz:1"]
+    ssim = {r["file"]: float(r["ssim"]) for r in rows}
+    for name in ("volume.nii.gz", "one.nii"):
+        src, rec = nib.load(scans / name), nib.load(out / "nifti" / name)
+        assert rec.shape == src.shape and np.allclose(rec.affine, src.affine)
+        assert rec.header.get_zooms() == src.header.get_zooms()
+        a, b = rec.get_fdata().reshape(256, 128, -1), src.get_fdata().reshape(256, 128, -1)
+        for k in range(a.shape[2]):
+            if b[:, :, k].max() > b[:, :, k].min():  # in the input's units: scored against it, the same SSIM
+                key = name if a.shape[2] == 1 else f"{name}:{k}"
+                assert score(b[:, :, k], a[:, :, k])["ssim"] == pytest.approx(ssim[key], abs=1e-4)
+            else:  # constant: copied through
+                assert np.array_equal(a[:, :, k], b[:, :, k])
+    m = json.load(open(out / "metrics.json"))
+    assert m["n_slices"] == 3 and len(m["skipped"]) == 1 and "volume.nii.gz:2: constant slice" in m["skipped"][0]
+    r = run("predict.py", f"--checkpoint={ckpt}", f"--input={tmp_path / 'nothing.nii'}", cwd=tmp_path)
+    assert r.returncode != 0 and f"error: {tmp_path / 'nothing.nii'}: file not found" in r.stderr
+
+
+def test_tensorboard_is_optional(tmp_path):
+    root = make_study(tmp_path / "d", per_case=2)
+    r = run("train.py", f"--data_dir={root}", f"--out_dir={tmp_path / 'run'}", "--n_epochs=1", "--tensorboard=True",
+            *TINY, cwd=tmp_path)
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        assert r.returncode != 0 and "--tensorboard=True needs the tensorboard package" in r.stderr
+        assert "Traceback" not in r.stderr and not (tmp_path / "run" / "last.pt").exists()
+        return
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "run" / "tensorboard"))
