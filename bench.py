@@ -139,9 +139,9 @@ def bench_epoch_overhead(rows, model, opt, train_ips):
 
 def bench_prior(rows, vqvae):
     """The prior with train.py's prior_* settings: training steps, then sampling with decoding."""
-    prior = CodePrior(config["n_embeddings"], (dataset.H // 4, dataset.W // 4), config["prior_d_model"],
-                      config["prior_n_layers"], config["prior_n_heads"], window=config["prior_window"]).to(dev)
-    what = f"(d_model {config['prior_d_model']}, {config['prior_n_layers']} layers, window {config['prior_window']})"
+    prior = CodePrior(**train.prior_args(config, config["n_embeddings"], (dataset.H // 4, dataset.W // 4))).to(dev)
+    what = (f"(d_model {config['prior_d_model']}, {config['prior_n_layers']} layers, window {config['prior_window']}, "
+            f"{config['prior_scan']})")
     opt = torch.optim.AdamW(prior.parameters(), lr=config["prior_learning_rate"], fused=cuda)
     grids = torch.randint(config["n_embeddings"], (config["prior_batch_size"], *prior.grid), device=dev)
 

@@ -60,7 +60,8 @@ def novelty(x, vqvae, splits, cache_dir, dev):
     train = dataset.prepare(splits["train"], cache_dir, True, desc="train")
     val = dataset.prepare(splits["validate"], cache_dir, True, desc="validate")
     pool = torch.from_numpy(train["x"]).to(dev)[:, None]
-    ref = torch.from_numpy(val["x"][np.linspace(0, len(val["x"]) - 1, min(n_reference, len(val["x"]))).astype(int)])
+    pick = np.linspace(0, len(val["x"]) - 1, min(n_reference, len(val["x"]))).astype(int)
+    ref = torch.from_numpy(val["x"][pick])
     s_samples, nearest = nearest_ssim(x, pool)
     s_val, _ = nearest_ssim(ref.to(dev)[:, None], pool)
     # samples are decoder outputs, free of scanner noise: the like-for-like yardstick is the VQ-VAE's own
@@ -73,7 +74,8 @@ def novelty(x, vqvae, splits, cache_dir, dev):
                   c2st=c2st(ref_rec.cpu(), x.cpu(), seed),
                   diversity=dict(samples_median_pairwise_ssim=median_pairwise_ssim(x),
                                  validation_recon_median_pairwise_ssim=median_pairwise_ssim(ref_rec)),
-                  coverage=coverage(ref_rec, x, s_val_rec))
+                  coverage=coverage_against_real(ref_rec, x, s_val_rec, [dataset.case_id(val["files"][i])
+                                                                         for i in pick]))
     return result, s_samples, nearest, train["x"]
 
 
@@ -81,6 +83,21 @@ def median_pairwise_ssim(x):
     """Median SSIM over all pairs of distinct slices in x (N, 1, H, W): higher means less diverse."""
     s = ssim_matrix(x, x)
     return float(s[torch.triu_indices(len(x), len(x), 1).unbind()].median())
+
+
+def coverage_against_real(ref_rec, x, ref_to_train, patients):
+    """Coverage of half the validation patients' reconstructions by the samples, beside the same by the other half
+    of the patients' reconstructions (as many slices as that half has, from patients the first half does not
+    share, as samples are): the real yardstick that samples should match."""
+    held = np.isin(patients, sorted(set(patients))[::2])
+    if held.all():  # one validation patient: no second half to compare with
+        return dict(samples=coverage(ref_rec, x, ref_to_train), validation_recon=None, n_real=len(held),
+                    n_cover=len(x))
+    a, b = torch.from_numpy(held).to(ref_rec.device), torch.from_numpy(~held).to(ref_rec.device)
+    n = min(int(b.sum()), len(x))
+    return dict(samples=coverage(ref_rec[a], x[:n], ref_to_train[held]),
+                validation_recon=coverage(ref_rec[a], ref_rec[b][:n], ref_to_train[held]),
+                n_real=int(held.sum()), n_cover=n)
 
 
 def coverage(real, samples, real_to_train):
@@ -173,7 +190,11 @@ def main():
     print(f"two-sample test accuracy {c['accuracy']:.3f} [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}] (0.5: "
           f"indistinguishable from validation reconstructions; {c['n_test']} held out)")
     print(f"median pairwise SSIM: samples {d['samples_median_pairwise_ssim']:.3f}, validation reconstructions "
-          f"{d['validation_recon_median_pairwise_ssim']:.3f}; coverage {result['coverage']:.3f}")
+          f"{d['validation_recon_median_pairwise_ssim']:.3f}")
+    cv = result["coverage"]
+    yardstick = "-" if cv["validation_recon"] is None else f"{cv['validation_recon']:.3f}"
+    print(f"coverage of {cv['n_real']} validation reconstructions: by {cv['n_cover']} samples {cv['samples']:.3f}, "
+          f"by as many reconstructions of other validation patients {yardstick}")
 
 
 if __name__ == "__main__":

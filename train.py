@@ -53,7 +53,7 @@ ema_decay = 0.99           # codebook moving-average decay
 learning_rate = 4e-3       # 2e-3 * sqrt(batch_size / 8): rescale it with the batch size
 batch_size = 32            # 8 takes 4x the steps per epoch: better on the small demo, slow on a GPU (README)
 n_epochs = 150
-ssim_weight = 0.0          # loss = MSE + ssim_weight * (1 - SSIM) + commitment
+ssim_weight = 0.1          # loss = MSE + ssim_weight * (1 - SSIM) + commitment; 0.1 beat 0 on every organ (README)
 organ_weight = 0.0         # where the training data has labels, MSE weighs bladder, rectum and prostate 1 + this
 # prior (stage 2)
 vqvae_checkpoint = None    # the frozen VQ-VAE; None = the newest runs/*/best_model.pt
@@ -63,7 +63,8 @@ prior_n_heads = 4
 prior_dropout = 0.0
 prior_window = 64          # codes each position attends to (two rows of the 64x32 grid); 0 = the whole prefix
 prior_global_layers = 0    # the last this many of the prior_n_layers blocks attend to the whole prefix, not the window
-prior_scan = "raster"      # order the grid rows are read: "raster" (0, 1, ..), or "centre_out" (31, 32, 30, 33, ..)
+prior_scan = "centre_out"  # order the grid rows are read: "centre_out" (31, 32, 30, 33, ..: mirrored anatomy side by
+                           # side; whole pelvises instead of raster's empty slices, README Generation) or "raster"
 prior_learning_rate = 5e-3
 prior_batch_size = 8
 prior_n_epochs = 50
@@ -87,7 +88,8 @@ tensorboard = False        # also log to <run>/tensorboard: scalars per epoch, r
 # tensorboard
 # ----------------------------------------------------------------------------------------------------------------
 config_keys = block_names(globals())
-DEFAULTS = {k: globals()[k] for k in config_keys}  # a run saved before a name existed had its default
+# the values a run saved before these names existed was trained with, so that --resume can compare them
+IMPLIED = dict(organ_weight=0.0, tensorboard=False, prior_global_layers=0, prior_scan="raster")
 TYPES = {k: (str,) for k in ("data_dir", "train_dir", "validate_dir", "test_dir", "cache_dir", "out_dir", "vqvae_checkpoint")}
 TYPES.update(time_limit_minutes=(float,), resume=(bool, str))
 SYNC_EVERY = 16  # steps between stop-flag exchanges under DDP
@@ -244,9 +246,9 @@ def load_resume_state(run, config):
         raise DataError(f"--resume: {path} keeps no record of its settings, so what it continues cannot be checked")
     if state["stage"] != config["stage"]:
         raise DataError(f"--resume: {path} is a {state['stage']} run; add --stage={state['stage']}")
-    saved = dict(DEFAULTS, **state["config"])
-    differences = [f"{k}={saved[k]!r} there, {v!r} here" for k, v in config.items()
-                   if k not in SAFE_ON_RESUME and saved[k] != v]
+    saved = dict(IMPLIED, **state["config"])
+    differences = [f"{k}={saved.get(k)!r} there, {v!r} here" for k, v in config.items()
+                   if k not in SAFE_ON_RESUME and saved.get(k) != v]
     if differences:
         raise DataError(f"--resume: will not continue {run.out}, its settings differ: {'; '.join(differences)}")
     best = run.path("best_model.pt" if config["stage"] == "vqvae" else "best_prior.pt")
@@ -630,6 +632,13 @@ def validate_prior(run, model, codes_val, unigram_val, batch_size):
     return dict(val_bits_per_code=bits, unigram_bits_per_code=unigram_val, score=-bits)
 
 
+def prior_args(config, n_codes, grid):
+    """CodePrior's arguments from the block's prior_* settings."""
+    return dict(n_codes=n_codes, grid=grid, d_model=config["prior_d_model"], n_layers=config["prior_n_layers"],
+                n_heads=config["prior_n_heads"], dropout=config["prior_dropout"], window=config["prior_window"],
+                n_global_layers=config["prior_global_layers"], scan=config["prior_scan"])
+
+
 def train_prior(run, config, state):
     c = SimpleNamespace(**config)
     vq_path = c.vqvae_checkpoint or newest("runs/*/best_model.pt")
@@ -652,9 +661,7 @@ def train_prior(run, config, state):
     run.log(f"codes {tuple(codes['train'].shape)}; unigram entropy of train codes "
             f"{entropy(train_counts) / math.log(2):.3f} bits, validation under train unigram {unigram_val:.3f} bits")
     torch.manual_seed(c.seed)
-    model_args = dict(n_codes=n_codes, grid=grid, d_model=c.prior_d_model, n_layers=c.prior_n_layers,
-                      n_heads=c.prior_n_heads, dropout=c.prior_dropout, window=c.prior_window,
-                      n_global_layers=c.prior_global_layers, scan=c.prior_scan)
+    model_args = prior_args(config, n_codes, grid)
     model = CodePrior(**model_args).to(run.dev)
 
     def prior_loss(net, cb):

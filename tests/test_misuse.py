@@ -12,7 +12,7 @@ import torch
 import dataset
 import train
 from conftest import ROOT, TINY, make_study, run
-from utils import DataError
+from utils import DataError, atomic_torch_save
 
 
 def one_error_line(r, *says):
@@ -188,3 +188,14 @@ def test_folder_of_a_run_killed_in_its_first_epoch_can_be_reused(tmp_path):
     r = run("train.py", f"--data_dir={root}", f"--out_dir={out}", "--n_epochs=1", *TINY, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "no test split" in r.stdout and "the test is skipped" in r.stdout
+
+
+def test_resume_compares_a_setting_the_run_predates_as_what_it_was_trained_with(tmp_path):
+    config = dict({k: getattr(train, k) for k in train.config_keys}, resume=True)
+    old = {k: v for k, v in config.items() if k not in train.IMPLIED}  # saved before these names existed
+    run_ = train.Run(False, 0, 1, torch.device("cpu"), None)
+    run_.out = str(tmp_path)
+    atomic_torch_save(dict(config=old, stage="vqvae"), tmp_path / "last.pt")
+    with pytest.raises(DataError, match="prior_scan='raster' there, 'centre_out' here"):
+        train.load_resume_state(run_, config)
+    assert train.load_resume_state(run_, dict(config, prior_scan="raster"))["stage"] == "vqvae"

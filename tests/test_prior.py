@@ -308,7 +308,8 @@ def test_train_prior_then_sample_end_to_end(tmp_path):
     import json
 
     from conftest import TINY, make_study, run
-    root = make_study(tmp_path / "d", per_case=3)
+    cases = {"train": [4, 5, 6, 7], "validate": [36, 37], "test": [40]}
+    root = make_study(tmp_path / "d", cases=cases, per_case=3)
     r = run("train.py", f"--data_dir={root}", f"--out_dir={tmp_path / 'runs' / 'vq'}", "--n_epochs=1", *TINY,
             cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -324,14 +325,15 @@ def test_train_prior_then_sample_end_to_end(tmp_path):
             cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     nov = json.load(open(out / "novelty.json"))
-    assert nov["samples_to_nearest_train_ssim"]["n"] == 3 and nov["validation_to_nearest_train_ssim"]["n"] == 3
-    assert nov["validation_recon_to_nearest_train_ssim"]["n"] == 3
+    assert nov["samples_to_nearest_train_ssim"]["n"] == 3 and nov["validation_to_nearest_train_ssim"]["n"] == 4
+    assert nov["validation_recon_to_nearest_train_ssim"]["n"] == 4
     q = nov["samples_to_nearest_train_ssim"]
     assert q["q1"] <= q["median"] <= q["q3"] <= q["max"] <= 1
     c = nov["c2st"]
     assert c["n_fit"] + c["n_test"] == 6 and c["ci95"][0] <= c["accuracy"] <= c["ci95"][1]
-    assert 0 <= nov["coverage"] <= 1 and set(nov["diversity"]) == {"samples_median_pairwise_ssim",
-                                                                   "validation_recon_median_pairwise_ssim"}
+    cov = nov["coverage"]  # two validation patients (2 of the 4 slices each): one half covered by the other
+    assert cov["n_real"] == cov["n_cover"] == 2 and 0 <= cov["samples"] <= 1 and 0 <= cov["validation_recon"] <= 1
+    assert set(nov["diversity"]) == {"samples_median_pairwise_ssim", "validation_recon_median_pairwise_ssim"}
     assert sorted(p.name for p in (out / "nifti").iterdir()) == [f"sample_00{i}.nii.gz" for i in range(3)]
     assert (out / "samples.png").exists() and (out / "samples_nearest.png").exists()
     first = nib.load(out / "nifti" / "sample_000.nii.gz").get_fdata()
