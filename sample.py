@@ -20,7 +20,7 @@ import torch.nn as nn
 import dataset
 from modules import load_model
 from utils import (DataError, block_names, check_ranges, configure, find_checkpoint, make_folder, nearest_ssim,
-                   pick_device, plot_grid, reconstruct, ssim_matrix)
+                   pick_device, plot_grid, reconstruct, ssim_matrix, ssim_torch)
 
 # ----------------------------------------------------------------------------------------------------------------
 prior_checkpoint = None  # None = the newest runs/*/best_prior.pt
@@ -55,8 +55,8 @@ def draw(prior, vqvae, dev):
 
 def novelty(x, vqvae, splits, cache_dir, dev):
     """Each sample's SSIM to its nearest training slice, beside the same for validation slices (as stored, and as
-    the VQ-VAE reconstructs them), then the two-sample test, diversity and coverage against those reconstructions
-    -> (result dict, nearest training index per sample, the training slices)."""
+    the VQ-VAE reconstructs them), then the two-sample test, diversity, symmetry and coverage against those
+    reconstructions -> (result dict, nearest training index per sample, the training slices)."""
     train = dataset.prepare(splits["train"], cache_dir, True, desc="train")
     val = dataset.prepare(splits["validate"], cache_dir, True, desc="validate")
     pool = torch.from_numpy(train["x"]).to(dev)[:, None]
@@ -74,9 +74,16 @@ def novelty(x, vqvae, splits, cache_dir, dev):
                   c2st=c2st(ref_rec.cpu(), x.cpu(), seed),
                   diversity=dict(samples_median_pairwise_ssim=median_pairwise_ssim(x),
                                  validation_recon_median_pairwise_ssim=median_pairwise_ssim(ref_rec)),
+                  symmetry=dict(samples=quartiles(mirror_ssim(x)), validation_recon=quartiles(mirror_ssim(ref_rec))),
                   coverage=coverage_against_real(ref_rec, x, s_val_rec, [dataset.case_id(val["files"][i])
                                                                          for i in pick]))
     return result, s_samples, nearest, train["x"]
+
+
+def mirror_ssim(x):
+    """Each slice's SSIM to its own left-right mirror image (N,) numpy: how much its two halves agree. A prior that
+    draws one femoral head and not the other scores lower than real slices."""
+    return ssim_torch(x, torch.flip(x, dims=[2])).double().cpu().numpy()
 
 
 def median_pairwise_ssim(x):
@@ -191,6 +198,9 @@ def main():
           f"indistinguishable from validation reconstructions; {c['n_test']} held out)")
     print(f"median pairwise SSIM: samples {d['samples_median_pairwise_ssim']:.3f}, validation reconstructions "
           f"{d['validation_recon_median_pairwise_ssim']:.3f}")
+    sy = result["symmetry"]
+    print(f"left-right symmetry (SSIM to the mirror image), median: samples {sy['samples']['median']:.3f}, "
+          f"validation reconstructions {sy['validation_recon']['median']:.3f}")
     cv = result["coverage"]
     yardstick = "-" if cv["validation_recon"] is None else f"{cv['validation_recon']:.3f}"
     print(f"coverage of {cv['n_real']} validation reconstructions: by {cv['n_cover']} samples {cv['samples']:.3f}, "

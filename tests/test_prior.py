@@ -334,6 +334,7 @@ def test_train_prior_then_sample_end_to_end(tmp_path):
     cov = nov["coverage"]  # two validation patients (2 of the 4 slices each): one half covered by the other
     assert cov["n_real"] == cov["n_cover"] == 2 and 0 <= cov["samples"] <= 1 and 0 <= cov["validation_recon"] <= 1
     assert set(nov["diversity"]) == {"samples_median_pairwise_ssim", "validation_recon_median_pairwise_ssim"}
+    assert nov["symmetry"]["samples"]["n"] == 3 and nov["symmetry"]["validation_recon"]["n"] == 4
     assert sorted(p.name for p in (out / "nifti").iterdir()) == [f"sample_00{i}.nii.gz" for i in range(3)]
     assert (out / "samples.png").exists() and (out / "samples_nearest.png").exists()
     first = nib.load(out / "nifti" / "sample_000.nii.gz").get_fdata()

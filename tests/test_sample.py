@@ -49,3 +49,12 @@ def test_diversity_and_coverage(halves):
     near_train = np.full(len(real), 0.99)  # each real slice very close to some training slice
     assert sample.coverage(real, real, near_train) == 1.0  # samples equal to the real slices cover them all
     assert sample.coverage(real, copies, near_train) < 0.1  # one repeated sample covers almost none
+
+
+def test_mirror_ssim_sees_a_missing_half(halves):
+    real, _ = halves
+    symmetric = torch.cat([real[..., :32, :], torch.flip(real[..., :32, :], dims=[2])], 2)
+    assert np.allclose(sample.mirror_ssim(symmetric), 1.0, atol=1e-5)
+    half = real.clone()
+    half[..., 32:, :] = 0  # one side of the body gone
+    assert np.median(sample.mirror_ssim(half)) < np.median(sample.mirror_ssim(real)) - 0.1
