@@ -119,6 +119,13 @@ def seg_folder(folder):
     return os.path.join(os.path.dirname(folder), "keras_slices_seg_" + name[len("keras_slices_"):])
 
 
+def pairing_key(path, prefix):
+    """The part of a file name that pairs an image with its labels: case_004_week_0_slice_1.nii.gz and
+    seg_004_week_0_slice_1.nii.gz both give 004_week_0_slice_1."""
+    name = re.sub(r"\.nii(\.gz)?$", "", os.path.basename(path))
+    return name[len(prefix):] if name.startswith(prefix) else name
+
+
 def find_masks(files):
     """The label file of each image, or None when the images' folders have no seg folder. An image without its
     label file is a DataError naming both."""
@@ -126,15 +133,11 @@ def find_masks(files):
     segs = {d: seg_folder(d) for d in folders}
     if not all(s and os.path.isdir(s) for s in segs.values()):
         return None
-    listed = {}
-    for s in set(segs.values()):
-        for m in glob.glob(os.path.join(s, "seg_*.nii*")):
-            listed[(s, re.sub(r"\.nii(\.gz)?$", "", os.path.basename(m))[len("seg_"):])] = m
+    listed = {(s, pairing_key(m, "seg_")): m for s in set(segs.values())
+              for m in glob.glob(os.path.join(s, "seg_*.nii*"))}
     masks = []
     for f in files:
-        key = re.sub(r"\.nii(\.gz)?$", "", os.path.basename(f))
-        key = key[len("case_"):] if key.startswith("case_") else key
-        seg = segs[os.path.dirname(f)]
+        key, seg = pairing_key(f, "case_"), segs[os.path.dirname(f)]
         if (seg, key) not in listed:
             raise DataError(f"{f}: no label file seg_{key}.nii[.gz] in {seg}")
         masks.append(listed[(seg, key)])

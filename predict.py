@@ -21,8 +21,7 @@ from skimage.transform import resize
 import dataset
 from modules import load_model
 from utils import (DataError, block_names, check_ranges, configure, evaluate_split, figure_slices, find_checkpoint,
-                   make_folder, pick_device, plot_reconstructions, read_image, reconstruct, score_split, split_means,
-                   write_per_slice)
+                   make_folder, pick_device, plot_reconstructions, read_image, split_means, write_per_slice)
 
 # ----------------------------------------------------------------------------------------------------------------
 checkpoint = None      # None = the newest runs/*/best_model.pt
@@ -125,10 +124,10 @@ def predict_inputs(model, dev, out):
     xs, recs, names, scores, skipped = [], [], [], [], []
     for path in input_files(input):
         img, a, p = read_input(path)
-        rec = reconstruct(model, p["x"], dev, batch_size)[0] if len(p["x"]) else p["x"]
+        rec, s, _ = evaluate_split(model, p, dev, batch_size) if len(p["x"]) else (p["x"], None, None)
         write_back(img, a, p, rec, os.path.join(out, "nifti", os.path.basename(path)))
         xs.append(p["x"]), recs.append(rec), names.extend(p["files"]), skipped.extend(p["skipped"])
-        scores.append(score_split(p["x"], rec, p["lo"], p["hi"]))
+        scores += [s] if s else []
     if not names:
         raise DataError(f"{input}: every slice is constant, nothing to reconstruct")
     return (np.concatenate(xs), np.concatenate(recs), names,
