@@ -21,7 +21,8 @@ from skimage.transform import resize
 import dataset
 from modules import load_model
 from utils import (DataError, block_names, check_ranges, configure, evaluate_split, figure_slices, find_checkpoint,
-                   make_folder, pick_device, plot_reconstructions, read_image, split_means, write_per_slice)
+                   make_folder, pick_device, plot_reconstructions, read_image, shown_masks, split_means,
+                   write_per_slice)
 
 # ----------------------------------------------------------------------------------------------------------------
 checkpoint = None      # None = the newest runs/*/best_model.pt
@@ -139,10 +140,11 @@ def write_results(out, x, rec, names, scores, metrics, masks=None):
     write_per_slice(os.path.join(out, "per_slice.csv"), names, scores)
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
-    show = figure_slices(dict(x=x, masks=masks), n_show)
+    shown = dict(x=x, masks=masks)
+    show = figure_slices(shown, n_show)
     plot_reconstructions(x[show], rec[show], os.path.join(out, "reconstructions.png"),
                          f"{metrics['split']}, mean SSIM {metrics['ssim']:.4f} over {len(rec)} slices",
-                         None if masks is None else masks[show])
+                         shown_masks(shown, show))
 
 
 def main():

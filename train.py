@@ -28,7 +28,7 @@ import dataset
 from modules import VQVAE, CodePrior, code_counts, load_model, read_checkpoint
 from utils import (DataError, atomic_torch_save, block_names, check_ranges, configure, entropy, evaluate_split,
                    figure_slices, make_folder, newest, newest_first, pick_device, plot_curves, plot_grid,
-                   plot_reconstructions, psnr_torch, reconstruct, ssim_torch, write_per_slice)
+                   plot_reconstructions, psnr_torch, reconstruct, shown_masks, ssim_torch, write_per_slice)
 
 # ----------------------------------------------------------------------------------------------------------------
 stage = "vqvae"            # "vqvae": the autoencoder; "prior": a transformer over a trained VQ-VAE's code grids
@@ -64,7 +64,7 @@ prior_dropout = 0.0
 prior_window = 64          # codes each position attends to (two rows of the 64x32 grid); 0 = the whole prefix
 prior_global_layers = 0    # the last this many of the prior_n_layers blocks attend to the whole prefix, not the window
 prior_scan = "centre_out"  # order the grid rows are read: "centre_out" (31, 32, 30, 33, ..: mirrored anatomy side by
-                           # side; whole pelvises instead of raster's empty slices, README Generation) or "raster"
+                           # side; samples as left-right symmetric as real slices, README Generation) or "raster"
 prior_learning_rate = 5e-3
 prior_batch_size = 8
 prior_n_epochs = 50
@@ -590,7 +590,7 @@ def reconstruct_shown(run, model, p):
 def plot_validation(run, model, p, name, title):
     """Originals, reconstructions and errors of six validation slices."""
     show, rec = reconstruct_shown(run, model, p)
-    plot_reconstructions(p["x"][show], rec, run.path(name), title, None if p["masks"] is None else p["masks"][show])
+    plot_reconstructions(p["x"][show], rec, run.path(name), title, shown_masks(p, show))
 
 
 def validation_strip(run, model, p):
@@ -611,7 +611,7 @@ def test_best_model(run, best, ckpt, p, batch_size):
     show = figure_slices(p)
     plot_reconstructions(p["x"][show], rec[show], run.path("recon_test.png"),
                          f"test split, best model (epoch {ckpt['epoch']}), mean SSIM {result['ssim']:.4f}",
-                         None if p["masks"] is None else p["masks"][show])
+                         shown_masks(p, show))
     run.log(f"test: ssim={result['ssim']:.4f} psnr={result['psnr']:.2f} on {result['n_slices']} slices"
             + "".join(f", {k} {r['ssim']:.4f} ({r['n_slices']})" for k, r in result.get("regions", {}).items()
                       if r["n_slices"]) + f" -> {run.out}")

@@ -280,6 +280,11 @@ def figure_slices(prepared, n=6):
     return pool[np.linspace(0, len(pool) - 1, min(n, len(pool))).astype(int)]
 
 
+def shown_masks(prepared, show):
+    """The labels of the slices a figure shows, or None for a split without labels."""
+    return None if prepared.get("masks") is None else prepared["masks"][show]
+
+
 def plot_curves(rows, out):
     """loss.png from train_loss, and one figure per validation metric that the rows carry."""
     plt = _pyplot()
