@@ -14,25 +14,26 @@ the phantom once to data/study (11,460 + 660 + 540 slices) and times a cold and 
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
+from types import SimpleNamespace
 
 import torch
 
 import dataset
+import figures
+import options
+import phantom
 import train
+from job import Job, pick_device
+from metrics import psnr_torch, ssim_torch
 from modules import VQVAE, CodePrior
-from utils import apply_overrides, pick_device, psnr_torch, ssim_torch
+from options import Option
+from utils import run_script, write_csv
 
-config = {k: getattr(train, k) for k in train.config_keys}
-config.update(steps=20, warmup=3, prep=False, sample_n=8)
-apply_overrides(config, sys.argv[1:], types=train.TYPES)
-dev = pick_device(config["device"])
-cuda = dev.type == "cuda"
-if cuda:
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=config["amp"] and cuda)
+BLOCK = dict(train.BLOCK, steps=Option(20, at_least=1), warmup=Option(3, at_least=0), prep=Option(False),
+             sample_n=Option(8, at_least=0))  # timed steps, untimed warm-up steps, data preparation, prior samples
+config, dev, cuda, autocast = None, None, False, None  # set by main()
 
 
 def sync():
@@ -58,7 +59,7 @@ def timed(fn, n_items):
 def bench_vqvae(rows):
     """The training step (train.py's loss, optimiser and settings), inference and the validation metric."""
     torch.manual_seed(0)
-    model = VQVAE(**{k: config[k] for k in train.MODEL_KEYS}).to(dev)
+    model = VQVAE(**train.vqvae_args(SimpleNamespace(**config))).to(dev)
     if cuda:
         model = model.to(memory_format=torch.channels_last)
     step_model = torch.compile(model) if config["compile"] else model
@@ -115,21 +116,24 @@ def flop_rows(train_step, train_ips, bs):
 
 def bench_epoch_overhead(rows, model, opt, train_ips):
     """What a study-sized epoch spends outside its training steps, through train.py's own functions."""
-    run = train.Run(False, 0, 1, dev, autocast)
-    run.out = tempfile.mkdtemp()
-    x_val = torch.rand(dataset.STUDY_SIZES["validate"], 1, dataset.H, dataset.W, device=dev)
+    cfg = SimpleNamespace(**dict(config, out_dir=tempfile.mkdtemp(), resume=False, tensorboard=False))
+    job = Job(cfg)
+    x_val = torch.rand(phantom.STUDY_SIZES["validate"], 1, dataset.H, dataset.W, device=dev)
     epoch_rows = [dict(epoch=e, steps=e, train_loss=0.01, val_ssim=0.9, val_psnr=30.0, codebook_usage=1.0,
                        perplexity=300.0, lr=1e-3, seconds=2.0) for e in range(config["n_epochs"])]
-    position = dict(epoch=1, step_in_epoch=0, global_step=1, rows=epoch_rows, best=0.9, elapsed=1.0, accum=torch.zeros(2))
-    record = dict(stage="vqvae", config=config, data=dict(root="", train=["f"] * dataset.STUDY_SIZES["train"]))
-    took = dict(validation=seconds(lambda: train.validate_vqvae(run, model.eval(), x_val, config["n_embeddings"],
+    position = dict(epoch=1, step_in_epoch=0, global_step=1, rows=epoch_rows, best=0.9, elapsed=1.0,
+                    accum=torch.zeros(2))
+    stage = SimpleNamespace(name="vqvae", model=model, cfg=cfg,
+                            data=dict(root="", train=["f"] * phantom.STUDY_SIZES["train"]))
+    took = dict(validation=seconds(lambda: train.validate_vqvae(job, model.eval(), x_val, config["n_embeddings"],
                                                                  config["eval_batch_size"])),
-                last_pt=seconds(lambda: train.save_last(run, model, opt, position, record)),
-                metrics_csv=seconds(lambda: train.write_epoch_files(run, epoch_rows, curves=False)))
-    curves = seconds(lambda: train.write_epoch_files(run, epoch_rows, curves=True)) - took["metrics_csv"]
-    shutil.rmtree(run.out)
+                last_pt=seconds(lambda: train.save_last(job, stage, opt, position)),
+                metrics_csv=seconds(lambda: write_csv(job.path("metrics.csv"), list(epoch_rows[0]),
+                                                      [list(r.values()) for r in epoch_rows])))
+    curves = seconds(lambda: figures.plot_curves(epoch_rows, job.out))
+    shutil.rmtree(job.out)
     per_epoch = sum(took.values()) + curves / config["plot_every"]
-    steps = math.ceil(dataset.STUDY_SIZES["train"] / config["batch_size"]) * config["batch_size"] / train_ips
+    steps = math.ceil(phantom.STUDY_SIZES["train"] / config["batch_size"]) * config["batch_size"] / train_ips
     rows.extend([("epoch overhead: validation (660 slices)", f"{took['validation']:.2f} s"),
                  ("epoch overhead: last.pt, metrics.csv", f"{took['last_pt']:.2f} s, {took['metrics_csv']:.3f} s"),
                  (f"epoch overhead: curves (every {config['plot_every']} epochs)", f"{curves:.2f} s"),
@@ -139,7 +143,8 @@ def bench_epoch_overhead(rows, model, opt, train_ips):
 
 def bench_prior(rows, vqvae):
     """The prior with train.py's prior_* settings: training steps, then sampling with decoding."""
-    prior = CodePrior(**train.prior_args(config, config["n_embeddings"], (dataset.H // 4, dataset.W // 4))).to(dev)
+    prior = CodePrior(**train.prior_args(SimpleNamespace(**config), config["n_embeddings"],
+                                         (dataset.H // 4, dataset.W // 4))).to(dev)
     what = (f"(d_model {config['prior_d_model']}, {config['prior_n_layers']} layers, window {config['prior_window']}, "
             f"{config['prior_scan']})")
     opt = torch.optim.AdamW(prior.parameters(), lr=config["prior_learning_rate"], fused=cuda)
@@ -162,7 +167,7 @@ def bench_prior(rows, vqvae):
 
 def bench_prep(rows):
     """Cold and cached preparation of the study-sized phantom, as train.py does it."""
-    root = dataset.ensure_demo(dataset.STUDY_ROOT, dataset.STUDY_SIZES)
+    root = phantom.ensure_demo(phantom.STUDY_ROOT, phantom.STUDY_SIZES)
     cache = os.path.join(dataset.REPO, "data", "bench_cache")
     shutil.rmtree(cache, ignore_errors=True)
     splits = dataset.find_splits(root)
@@ -175,7 +180,14 @@ def bench_prep(rows):
         rows.append((f"{label} ({n} slices)", f"{time.perf_counter() - t0:.1f} s"))
 
 
-def main():
+def main(argv):
+    global config, dev, cuda, autocast
+    config = vars(options.parse(BLOCK, argv))
+    dev = pick_device(config["device"])
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=config["amp"] and cuda)
     rows = [("device", str(torch.cuda.get_device_name(dev) if cuda else f"cpu ({torch.get_num_threads()} threads)")),
             ("model", f"n_hiddens={config['n_hiddens']} n_residual_layers={config['n_residual_layers']} "
                       f"batch_size={config['batch_size']} amp={config['amp'] and cuda} compile={config['compile']}")]
@@ -190,4 +202,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -15,24 +15,22 @@ import re
 
 import numpy as np
 from skimage.transform import resize
-from tqdm import tqdm
 
-from utils import REGIONS, DataError, read_nifti
+from utils import DataError, WriteError, progress, read_nifti, write_file, write_text
 
 H, W = 256, 128
 SPLITS = ("train", "validate", "test")
-REPO = os.path.dirname(os.path.abspath(__file__))
-DEMO_ROOT = os.path.join(REPO, "data", "demo")
-DEMO_SIZES = {"train": 640, "validate": 80, "test": 60}
-STUDY_ROOT = os.path.join(REPO, "data", "study")  # the phantom at the study's size, for timings (bench.py, slurm/)
-STUDY_SIZES = {"train": 11460, "validate": 660, "test": 540}
+LABELS = ("background", "body", "bone", "bladder", "rectum", "prostate")  # the study's label values 0-5
+REGIONS = {value: name for value, name in enumerate(LABELS) if value}  # scored per organ: all but the background
 PREP_VERSION = 2  # bump when load_slice or load_mask changes, so old caches are never used
 
 
-def list_slices(folder):
-    """Sorted NIfTI files (*.nii, *.nii.gz) of one split folder."""
+def list_slices(folder, single_file=False):
+    """Sorted NIfTI files (*.nii, *.nii.gz) of one folder; with single_file, the path may also name one file."""
+    if single_file and os.path.isfile(folder):
+        return [folder]
     if not os.path.isdir(folder):
-        raise DataError(f"{folder}: folder not found")
+        raise DataError(f"{folder}: {'file or folder' if single_file else 'folder'} not found")
     files = sorted(glob.glob(os.path.join(folder, "*.nii")) + glob.glob(os.path.join(folder, "*.nii.gz")))
     if not files:
         raise DataError(f"{folder}: no .nii or .nii.gz files")
@@ -77,16 +75,20 @@ def find_splits(data_dir=None, train_dir=None, validate_dir=None, test_dir=None,
     return splits
 
 
-def ensure_demo(root=DEMO_ROOT, sizes=DEMO_SIZES, seed=0):
-    """Write the synthetic pelvis phantom once (into a temp folder, then rename) and return its root."""
-    if not os.path.isdir(root):
-        from phantom import write_phantom
-        print(f"writing the synthetic pelvis phantom to {root} (once)")
-        tmp = f"{root}.tmp{os.getpid()}"
-        write_phantom(tmp, sizes, seed=seed, progress=True)
-        os.makedirs(os.path.dirname(root), exist_ok=True)
-        os.replace(tmp, root)
-    return root
+def write_splits(path, root, prepared):
+    """splits.json: the data root and the files of each prepared split (later stages read them back)."""
+    write_text(path, json.dumps({"data_root": os.path.abspath(root), **{s: p["files"] for s, p in prepared.items()}},
+                                indent=1))
+
+
+def read_splits(run_folder):
+    """The splits.json of a VQ-VAE run: {"data_root": ..., split: [files]}."""
+    path = os.path.join(run_folder, "splits.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read the run's splits ({type(e).__name__}: {e})") from None
 
 
 class ConstantSlice(DataError):
@@ -189,17 +191,18 @@ def _read_cache(path):
 
 
 def _write_cache(path, res):
-    """The .npy files first and the .json last, each renamed into place, so an interrupted write is never taken
-    for a cache."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    """The .npy files first and the .json last, each written atomically, so an interrupted write is never taken
+    for a cache. A cache that cannot be written (disk full, read-only) is only a slower next start: said, not
+    fatal."""
     arrays = [("", res["x"])] + ([(".masks", res["masks"])] if res["masks"] is not None else [])
-    for suffix, a in arrays:
-        np.save(f"{path}{suffix}.tmp{os.getpid()}.npy", a)
-        os.replace(f"{path}{suffix}.tmp{os.getpid()}.npy", f"{path}{suffix}.npy")
-    with open(f"{path}.tmp{os.getpid()}", "w") as f:
-        json.dump(dict(has_masks=res["masks"] is not None, **{k: v.tolist() if k in ("lo", "hi") else v
-                                                              for k, v in res.items() if k not in ("x", "masks")}), f)
-    os.replace(f"{path}.tmp{os.getpid()}", path + ".json")
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        for suffix, a in arrays:
+            write_file(f"{path}{suffix}.npy", lambda f: np.save(f, a))
+        write_text(path + ".json", json.dumps(dict(has_masks=res["masks"] is not None, **{
+            k: v.tolist() if k in ("lo", "hi") else v for k, v in res.items() if k not in ("x", "masks")})))
+    except (OSError, WriteError) as e:
+        print(f"cache {path}: not written ({e}); the next start prepares the data again", flush=True)
 
 
 def _cache_key(files):
@@ -229,9 +232,9 @@ def prepare(files, cache_dir=None, skip_bad=False, desc="prepare", workers=None)
     workers = workers or min(len(files) // 64 + 1, os.cpu_count() or 1)
     if workers > 1:
         with mp.get_context("fork").Pool(workers) as pool:
-            out = list(tqdm(pool.imap(_load_or_error, items, chunksize=16), total=len(files), desc=desc))
+            out = list(progress(pool.imap(_load_or_error, items, chunksize=16), desc, len(files)))
     else:
-        out = [_load_or_error(f) for f in tqdm(items, desc=desc)]
+        out = [_load_or_error(f) for f in progress(items, desc)]
     bad = [o for o in out if isinstance(o, str)]
     if bad and not skip_bad:
         raise DataError("\n".join(bad))

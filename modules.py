@@ -1,20 +1,17 @@
 """The VQ-VAE (van den Oord et al. 2017): Encoder -> VectorQuantizer -> Decoder, and the prior over its codes.
 
 A 256x128 slice becomes a 64x32 grid of indices into a codebook of n_embeddings vectors of size embedding_dim.
-CodePrior models that grid autoregressively in raster order, p(c) = prod_t p(c_t | c_<t), so that sampled
-grids decode to new slices. Its loss is in nats per code; divided by ln 2 it is bits per code.
+CodePrior models that grid autoregressively, p(c) = prod_t p(c_t | c_<t), reading the grid rows in the order its
+`scan` gives (centre-out by default), so that sampled grids decode to new slices. Its loss is in nats per code;
+divided by ln 2 it is bits per code.
 """
-import os
-import pickle
-import zipfile
 from collections import OrderedDict
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-
-from utils import DataError
 
 
 class ResidualLayer(nn.Module):
@@ -154,10 +151,6 @@ class VQVAE(nn.Module):
         """x (N, 1, H, W) in [0, 1] -> (reconstruction, commitment loss, code indices (N, H/4, W/4))."""
         zq, loss, idx = self.quantizer(self.encoder(x))
         return self.decoder(zq), loss, idx
-
-    @torch.no_grad()
-    def encode(self, x):
-        return self.quantizer(self.encoder(x))[2]
 
     @torch.no_grad()
     def decode(self, idx):
@@ -312,13 +305,12 @@ class CodePrior(nn.Module):
     positions up to itself, which makes training O(T * window) instead of O(T^2); the last `n_global_layers`
     blocks attend to the whole prefix regardless.
 
-    Layouts: forward(codes), grid_logits(codes) and sample() use grids in spatial layout, (B, h, w) (forward also
-    takes them flattened, (B, h * w)); the scan is internal. logits(), forward_tokens() and known_codes() work in
-    sequence (reading) order, which under raster is the flattened grid; to_sequence() and to_grid() convert.
-    model_args without scan, n_global_layers and mirror_input build the raster model of old checkpoints."""
+    Layouts: forward(codes) and sample() use grids in spatial layout, (B, h, w) (forward also takes them
+    flattened, (B, h * w)); the scan is internal. logits(), forward_tokens() and known_codes() work in sequence
+    (reading) order, which under raster is the flattened grid; to_sequence() and to_grid() convert."""
 
     def __init__(self, n_codes, grid=(64, 32), d_model=128, n_layers=4, n_heads=4, dropout=0.0, window=0,
-                 n_global_layers=0, scan="raster", mirror_input=None):
+                 n_global_layers=0, scan="centre_out", mirror_input=None):
         super().__init__()
         if scan not in SCANS:
             raise ValueError(f"scan={scan!r}: expected one of {SCANS}")
@@ -331,7 +323,7 @@ class CodePrior(nn.Module):
         self.n_global_layers = n_global_layers
         self.mirror_input = scan == "centre_out" if mirror_input is None else bool(mirror_input)
         order, neighbours = scan_tables(self.grid, scan, self.mirror_input)
-        # derived from the arguments, so not saved: the state_dict keys are those of the raster model
+        # derived from the arguments, so not saved
         self.register_buffer("order", order, persistent=False)  # sequence position -> flat spatial index
         self.register_buffer("inverse", torch.argsort(order), persistent=False)  # flat spatial index -> position
         self.register_buffer("neighbour_index", neighbours, persistent=False)
@@ -404,11 +396,6 @@ class CodePrior(nn.Module):
         assert idx.shape[1] <= self.seq_len, "sequence longer than the grid"
         return self.forward_tokens(self.with_start(idx), self.known_codes(idx))
 
-    def grid_logits(self, codes):
-        """codes (B, h, w) -> (B, h, w, n_codes): at each grid position, the prediction of its code from the codes
-        read before it."""
-        return self.to_grid(self.logits(self.to_sequence(codes)))
-
     def forward(self, codes):
         """codes (B, h, w) -> mean cross-entropy in nats per code (the training loss; DDP wraps this)."""
         idx = self.to_sequence(codes)
@@ -455,37 +442,14 @@ class CodePrior(nn.Module):
         return self.to_grid(tokens[:, 1:])
 
 
-
-KINDS = {"vqvae": "a VQ-VAE (best_model.pt)", "prior": "a prior (best_prior.pt)"}
-
-
-def read_checkpoint(path, device="cpu", mmap=False):
-    """torch.load with weights_only=True; any failure is one DataError line naming the file and the problem."""
-    path = str(path)
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: checkpoint not found" if not os.path.exists(path) else f"{path}: not a file")
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive: anything else is truncated or foreign
-        raise DataError(f"{path}: not a torch checkpoint (truncated, or another kind of file)")
-    try:
-        return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError:
-        raise DataError(f"{path}: refused: it holds objects other than tensors and plain data, which are not loaded "
-                        "(weights_only)") from None
-    except Exception as e:
-        raise DataError(f"{path}: corrupt checkpoint ({type(e).__name__})") from None
-
-
-def load_model(path, device="cpu", kind=None):
-    """A self-describing checkpoint (VQ-VAE or prior) -> (model in eval mode, the checkpoint dict). With `kind`,
-    any other checkpoint is refused with one line that says what it is."""
-    ckpt = read_checkpoint(path, device)
-    if not isinstance(ckpt, dict) or "model_args" not in ckpt:
-        what = "a training state (last.pt), for --resume" if isinstance(ckpt, dict) and "optimizer" in ckpt else \
-            "not a model checkpoint"
-        raise DataError(f"{path}: {what}; expected {KINDS.get(kind, 'a model checkpoint')}")
-    found = ckpt.get("kind", "vqvae")
-    if kind and found != kind:
-        raise DataError(f"{path}: {KINDS[found]}; expected {KINDS[kind]}")
-    model = {"vqvae": VQVAE, "prior": CodePrior}[found](**ckpt["model_args"]).to(device)
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), ckpt
+@torch.no_grad()
+def reconstruct(model, x, device, batch_size=64):
+    """x float32 (N, H, W) in [0, 1] (numpy) -> reconstructions (N, H, W) numpy, unclipped, and codes (N, h, w)."""
+    recs, codes, device = [], [], torch.device(device)
+    for i in range(0, len(x), batch_size):
+        xb = torch.as_tensor(x[i:i + batch_size], device=device)[:, None]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            xh, _, idx = model(xb)
+        recs.append(xh.float()[:, 0].cpu().numpy())
+        codes.append(idx.cpu().numpy())
+    return np.concatenate(recs), np.concatenate(codes)

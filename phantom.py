@@ -18,24 +18,34 @@ Labels (the study's convention): 0 background, 1 body, 2 bone, 3 bladder, 4 rect
 structure's label where that structure's soft edge is past half-way (the blend weight that paints it > 0.5), later
 structures overwriting earlier ones, so labels line up with what the image shows.
 
-Run ``python phantom.py --figure=assets/phantom.png`` for a figure of demo slices beside their label maps.
+``python phantom.py --figure=assets/phantom.png`` draws demo slices beside their label maps; ``python phantom.py
+--out_dir=data/other --seed=7`` writes a data set of other patients in the course layout.
 """
-import argparse
 import functools
 import math
 import multiprocessing
 import os
+import shutil
 
-import nibabel as nib
 import numpy as np
 
+import figures
+import options
+from options import Option
+import utils
+from utils import DataError, make_folder, run_script, write_nifti
+
 SPLIT_CASES = {"train": range(4, 36), "validate": range(36, 40), "test": range(40, 43)}
+REPO = os.path.dirname(os.path.abspath(__file__))
+DEMO_ROOT = os.path.join(REPO, "data", "demo")  # written by the first run that finds no data given
+DEMO_SIZES = {"train": 640, "validate": 80, "test": 60}
+STUDY_ROOT = os.path.join(REPO, "data", "study")  # the phantom at the study's size, for timings (bench.py, slurm/)
+STUDY_SIZES = {"train": 11460, "validate": 660, "test": 540}
 N_LR = 256
 W_MAX = 144                           # widest field of view; narrower slices are its centre rows
 PIX = 2.0 / N_LR                      # pixel size in normalised units; x spans [-1, 1)
 VOXEL_MM = (1.6, 1.6, 3.0)            # matches a ~38 cm wide pelvis filling ~80% of x
 EDGE = 1.2                            # edge ramp width in pixels (partial volume / anti-aliasing)
-LABELS = ("background", "body", "bone", "bladder", "rectum", "prostate")
 BODY, BONE, BLADDER, RECTUM, PROSTATE = 1, 2, 3, 4, 5
 # T2 intensities in arbitrary scanner units before coil shading (fat and fluid bright, muscle dark)
 FAT, MUSCLE, URINE, CORTEX, MARROW = 800.0, 200.0, 1250.0, 25.0, 680.0
@@ -167,43 +177,44 @@ def scan_end_kind(seed, case, week, slice_idx, n_slices):
     return 0
 
 
-def phantom_slice(case: int, week: int, slice_idx: int, n_slices: int, width: int = 128, seed: int = 0,
-                  labels: bool = False, scan_ends: bool = False):
-    """float64 array of shape (256, width), raw 'scanner' intensities (roughly 0..~1500, Rician noise background).
-    labels=True returns (image, uint8 labels of the same shape).  scan_ends=True makes the outermost slices of a
-    scan near-empty or all zero as scan_end_kind says (write_phantom does this); by default every slice is an
-    ordinary one."""
-    end = scan_end_kind(seed, case, week, slice_idx, n_slices) if scan_ends else 0
-    if end == 2:
-        img = np.zeros((N_LR, width))
-        return (img, np.zeros((N_LR, width), np.uint8)) if labels else img
-    x, y, row0 = _grid(width)
-    P, W = _patient(seed, case), _week(seed, case, week)
-    z = (slice_idx + 0.5) / max(n_slices, 1)  # 0 = caudal (below the prostate apex), 1 = cranial
-    zs = z + W["zshift"]
-    img = np.zeros((N_LR, width), np.float32)
-    lab = np.zeros((N_LR, width), np.uint8)
-    zoom = P["zoom"] * W["zoom"]
-    sx, sy = zoom, zoom * P["aspect"]
-    ct, st = math.cos(W["theta"]), math.sin(W["theta"])
-    x0, y0 = (N_LR - 1) / 2, (width - 1) / 2              # pixel index of the origin
+class Slice:
+    """Drawing state of one slice: the image and label map being painted, the coordinate grid, the patient's anatomy
+    and this week's set-up (pose, filling, coil), and the per-slice texture fields, each computed at most once."""
 
-    # ---- textures: per-patient fields combined at this z, each computed at most once per slice
-    re, im, om, ph = _textures(seed, case)
-    cache = {}
+    def __init__(self, seed, case, week, slice_idx, n_slices, width):
+        self.x, self.y, self.row0 = _grid(width)
+        self.width = width
+        self.patient, self.session = _patient(seed, case), _week(seed, case, week)
+        # position along the scan, 0 = caudal (below the prostate apex), 1 = cranial, moved by the set-up
+        z = (slice_idx + 0.5) / max(n_slices, 1)
+        self.z = z + self.session["zshift"]
+        self.img = np.zeros((N_LR, width), np.float32)
+        self.lab = np.zeros((N_LR, width), np.uint8)
+        zoom = self.patient["zoom"] * self.session["zoom"]
+        self.scale_x, self.scale_y = zoom, zoom * self.patient["aspect"]
+        self.cos_theta, self.sin_theta = math.cos(self.session["theta"]), math.sin(self.session["theta"])
+        self.x0, self.y0 = (N_LR - 1) / 2, (width - 1) / 2              # pixel index of the origin
+        self.textures = _textures(seed, case)
+        self.cache = {}
+        self.warp_field = self.field(7)
 
-    def field(kind):
-        if kind not in cache:
+    def field(self, kind):
+        """Texture field `kind` at this slice's z: the per-patient fields combined with this z's phases."""
+        if kind not in self.cache:
+            re, im, om, ph = self.textures
+            row0, width = self.row0, self.width
             f = np.zeros((N_LR, width), np.float32)
             for k in range(_K):
-                a = om[k, kind] * zs + ph[k, kind]
+                a = om[k, kind] * self.z + ph[k, kind]
                 f += re[k, kind, :, row0:row0 + width] * float(math.cos(a) / math.sqrt(_K))
                 f += im[k, kind, :, row0:row0 + width] * float(math.sin(a) / math.sqrt(_K))
-            cache[kind] = f
-        return cache[kind]
+            self.cache[kind] = f
+        return self.cache[kind]
 
-    def tissue(name):
-        if name not in cache:
+    def tissue(self, name):
+        """Full-slice intensity texture (float32) of a tissue; "m0".."m3" are muscle with fibres along 0..135 deg."""
+        if name not in self.cache:
+            field = self.field
             if name == "fat":     # bright lobules separated by thin dark septa (zero lines of a band-pass field)
                 f = field(0)
                 t = FAT * (1 + 0.05 * field(1) - 0.3 * np.exp(-(f * f) * 60.0))
@@ -219,40 +230,42 @@ def phantom_slice(case: int, week: int, slice_idx: int, n_slices: int, width: in
             elif name == "sv":      # convoluted fluid-filled tubules
                 t = 880.0 * (1 - 0.55 * np.exp(-field(2) ** 2 * 6))
             elif name == "content":  # rectal content: mixed faeces and fluid
-                t = 700.0 * W["content"] * (1 + 0.3 * field(1))
+                t = 700.0 * self.session["content"] * (1 + 0.3 * field(1))
             else:                   # muscle with fibre orientation index name[1]
                 f = field(3 + int(name[1]))
                 t = MUSCLE * (1 + 0.06 * f + 0.6 * np.maximum(f - 1.9, 0)) * (1 + 0.05 * field(1))
-            cache[name] = t.astype(np.float32)
-        return cache[name]
+            self.cache[name] = t.astype(np.float32)
+        return self.cache[name]
 
-    def muscle(angle):
+    def muscle(self, angle):
         """Muscle texture with fibres along `angle` (body frame, radians, 0 = left-right)."""
-        return tissue("m%d" % (round((angle + W["theta"]) / (math.pi / 4)) % 4))
+        return self.tissue("m%d" % (round((angle + self.session["theta"]) / (math.pi / 4)) % 4))
 
-    def paint(cx, cy, a, b, value, label=None, angle=0.0, rim=None, thick=0.0, p=2, warp=0.6):
+    def paint(self, cx, cy, a, b, value, label=None, angle=0.0, rim=None, thick=0.0, p=2, warp=0.6):
         """Blend a soft-edged ellipse (p=2) or superellipse (p=3) into img, optionally with a rim `thick` px
         wide (bone cortex, bowel wall, capsule, fat plane), computing only its bounding box.  value/rim are
         numbers or full-slice texture arrays.  label (if given) goes where the outer blend weight is > 0.5.
         warp: amplitude (in edge widths) of a smooth random displacement of the outline, shared by all structures
         so that neighbours deform together."""
+        sx, sy, session = self.scale_x, self.scale_y, self.session
         a, b = a * sx, b * sy
         if min(a, b) < 0.5 * PIX:
             return
         # patient pose moves and scales the structure centres rather than the grid, so boxes stay axis-aligned
         cx, cy = sx * cx, sy * cy
-        cx, cy, angle = ct * cx - st * cy + W["dx"], st * cx + ct * cy + W["dy"], angle + W["theta"]
+        ct, st = self.cos_theta, self.sin_theta
+        cx, cy, angle = ct * cx - st * cy + session["dx"], st * cx + ct * cy + session["dy"], angle + session["theta"]
         c, s = math.cos(angle), math.sin(angle)
         pad = (thick + 2.5 + 3.5 * EDGE * warp) * PIX   # the warp field rarely exceeds 3.5 (unit variance)
         if p == 2:
             ex, ey = math.hypot(a * c, b * s) + pad, math.hypot(a * s, b * c) + pad  # exact extents
         else:
             ex = ey = max(a, b) + pad
-        i0, i1 = max(0, math.ceil((cx - ex) / PIX + x0)), min(N_LR, math.ceil((cx + ex) / PIX + x0))
-        j0, j1 = max(0, math.ceil((cy - ey) / PIX + y0)), min(width, math.ceil((cy + ey) / PIX + y0))
+        i0, i1 = max(0, math.ceil((cx - ex) / PIX + self.x0)), min(N_LR, math.ceil((cx + ex) / PIX + self.x0))
+        j0, j1 = max(0, math.ceil((cy - ey) / PIX + self.y0)), min(self.width, math.ceil((cy + ey) / PIX + self.y0))
         if i0 >= i1 or j0 >= j1:
             return
-        dx, dy = x[i0:i1, None] - cx, y[None, j0:j1] - cy
+        dx, dy = self.x[i0:i1, None] - cx, self.y[None, j0:j1] - cy
         u, v = (c / a) * dx + (s / a) * dy, (c / b) * dy - (s / b) * dx
         uu, vv = u * u, v * v
         k = PIX * EDGE
@@ -262,8 +275,8 @@ def phantom_slice(case: int, week: int, slice_idx: int, n_slices: int, width: in
             au, av = np.abs(u), np.abs(v)
             dist = (uu * au + vv * av - 1) / np.sqrt(uu * uu * (3 * k / a) ** 2 + vv * vv * (3 * k / b) ** 2 + 1e-12)
         if warp:
-            dist += warp_field[i0:i1, j0:j1] * np.float32(warp)
-        sub = img[i0:i1, j0:j1]
+            dist += self.warp_field[i0:i1, j0:j1] * np.float32(warp)
+        sub = self.img[i0:i1, j0:j1]
         passes = ((rim, thick / EDGE), (value, 0.0)) if rim is not None else ((value, 0.0),)
         for val, off in passes:
             t = np.clip((0.5 + off) - dist, 0, 1)
@@ -271,188 +284,336 @@ def phantom_slice(case: int, week: int, slice_idx: int, n_slices: int, width: in
                 val = val[i0:i1, j0:j1]
             sub += t * t * (3 - 2 * t) * (val - sub)   # smoothstep: a cheap polynomial sigmoid
         if label is not None:
-            lab[i0:i1, j0:j1][dist < passes[0][1]] = label
+            self.lab[i0:i1, j0:j1][dist < passes[0][1]] = label
 
-    def ring(cx, cy, a, b, rim, inner, thick, label=None, angle=0.0, p=2, warp=0.6):
-        paint(cx, cy, a, b, inner, label, angle, rim, thick, p, warp)
+    def ring(self, cx, cy, a, b, rim, inner, thick, label=None, angle=0.0, p=2, warp=0.6):
+        """paint() with a rim: `inner` inside a `rim` band `thick` px wide."""
+        self.paint(cx, cy, a, b, inner, label, angle, rim, thick, p, warp)
 
-    warp_field = field(7)
 
-    fat, plane = tissue("fat"), tissue("plane")
-    A, B, bcy = P["body_a"], P["body_b"], P["body_cy"]
-    F = P["fat"]
-    fa, fp = F * P["fat_ant"], F * P["fat_post"]
-    fx_, fy_, fr, zh, m = P["fem_cx"], P["fem_cy"], P["fem_r"], P["fem_z"], P["mus"]
-    pr_cy, pr_b, pr_z0, pr_z1 = P["pr_cy"], P["pr_b"], P["pr_z0"], P["pr_z1"]
-    re_y = pr_cy + pr_b + P["re_b"] + 0.015 + 0.10 * _step(zs, 0.45, 1.1)   # follows the sacral curve cranially
-    # ---- body outline (a rounded-rectangle trunk plus the buttocks), all subcutaneous fat
-    paint(0, bcy, A, B, fat, BODY, p=3, warp=1.0)
-    for sd in (-1, 1):
-        paint(sd * 0.36 * A, bcy + 0.45 * B, 0.52 * A, 0.62 * B, fat, BODY, sd * 0.12, warp=1.0)
-    paint(0, bcy + B + 0.03, 0.02, 0.08, 0.0, 0)                       # natal cleft
-    # ---- deep compartment: muscle under the subcutaneous fat, split into groups by thin fat planes
-    paint(0, bcy + (fa - fp) / 2, A - F, B - (fa + fp) / 2, muscle(0.0), BODY, p=3, warp=1.5)
-    for sd in (-1, 1):
-        paint(sd * 0.36 * A, bcy + 0.45 * B, 0.52 * A - fp, 0.62 * B - fp, muscle(sd * 0.6), BODY, sd * 0.12, warp=1.5)
-    for sd in (-1, 1):
-        fxs = fx_ + sd * P["fem_asym"]
-        # gluteus maximus: big, posterolateral, fibres running obliquely
-        ring(sd * 0.43 * A, bcy + 0.5 * B + 0.02, 0.33 * A * P["glut"], 0.55 * B * P["glut"], plane, muscle(sd * 0.6),
-             1.3, BODY, sd * 0.5)
-        # lateral group: gluteus medius/minimus cranially, vastus lateralis caudally
-        ring(sd * (fxs + 0.17), fy_ + 0.03, 0.085 * m, 0.15 * m, plane, muscle(sd * 1.5), 1.2, BODY, sd * 0.25)
-        # hip flexors: iliopsoas in front of the femoral head, sartorius / rectus femoris, tensor fasciae latae
-        ring(sd * (fxs - 0.03), fy_ - 0.185, 0.10 * m, 0.065 * m, plane, muscle(sd * 0.3), 1.3, BODY, sd * 0.2)
-        ring(sd * (fxs + 0.12), fy_ - 0.23, 0.07 * m, 0.05 * m, plane, muscle(0.0), 1.2, BODY, sd * 0.3)
-        ring(sd * (fxs + 0.25), fy_ - 0.13, 0.055 * m, 0.05 * m, plane, muscle(sd * 0.9), 1.2, BODY, sd * 0.7)
-        # pectineus / adductors and obturator externus caudally, quadratus femoris behind the femoral neck
-        cd = _prof(zs, -0.4, zh + 0.05, 0.3)
-        ring(sd * (fxs - 0.21), fy_ - 0.13, 0.09 * cd, 0.06 * cd, plane, muscle(sd * 0.8), 1.2, BODY, sd * 0.5)
-        ring(sd * (fxs - 0.11), fy_ - 0.03, 0.075 * cd, 0.045 * cd, plane, muscle(sd * 0.2), 1.2, BODY, -sd * 0.3)
-        qf = _prof(zs, -0.2, zh - 0.05, 0.3)
-        ring(sd * (fxs - 0.01), fy_ + 0.15, 0.09 * qf, 0.035 * qf, plane, muscle(0.0), 1.2, BODY, -sd * 0.2)
-        # femoral vessels in their fat pad, anteromedial to the hip
-        paint(sd * (fxs - 0.155), fy_ - 0.215, 0.055, 0.035, fat, BODY)
-        paint(sd * (fxs - 0.13), fy_ - 0.215, 0.02, 0.02, 60.0, BODY, warp=0)   # artery: flow void
-        paint(sd * (fxs - 0.18), fy_ - 0.21, 0.025, 0.022, 430.0, BODY, warp=0)  # vein: slow flow
-    # prevesical / suprapubic fat in the midline, rectus abdominis above the symphysis
-    paint(0, bcy - B + fa + 0.06, 0.17, 0.11, fat, BODY)
-    ra = _step(zs, 0.35, 0.55)
-    for sd in (-1, 1):
-        ring(sd * 0.065, bcy - B + fa + 0.012, 0.06 * ra, 0.02 * ra, plane, muscle(0), 1.0, BODY)
-    # ---- pelvic cavity: fat around the organs (narrow between the ischial tuberosities caudally)
-    cw = 0.19 + 0.09 * _step(zs, 0.1, 0.7)
-    cfy = (pr_cy + re_y) / 2 + 0.03
-    paint(0, cfy, cw, 0.26, fat, BODY)
-    oi = _prof(zs, -0.05, zh + 0.25, 0.3)           # obturator internus lining the side walls
-    for sd in (-1, 1):
-        ring(sd * (cw - 0.01), cfy + 0.02, 0.035 * oi, 0.16 * oi, plane, muscle(sd * 1.57), 1.2, BODY, sd * 0.12)
-    # pelvic floor: levator ani sling around prostate and rectum (open anteriorly), ischioanal fat outside it
-    la = _prof(zs, -0.15, pr_z1 + 0.06, 0.3)
-    if la:
-        lb = (re_y - pr_cy) / 2 + P["re_b"] + 0.035
-        ring(0, (pr_cy + re_y) / 2 + 0.01, max(P["pr_a"], P["re_a"]) * la + 0.045, lb, muscle(1.57), fat, 1.4, BODY,
-             warp=1.0)
-        paint(0, pr_cy - lb * 0.5, max(P["pr_a"], P["re_a"]) * la + 0.07, lb * 0.55, fat, BODY)
-    # ---- bones: dark cortex around fatty marrow
-    marrow = tissue("marrow")
-    for sd in (-1, 1):
-        fxs = fx_ + sd * P["fem_asym"]
-        # acetabulum cupping the femoral head; ilium above it
-        il = _step(zs, zh + 0.05, zh + 0.3)
-        ac = _step(zs, zh - 0.14, zh - 0.02) * (1 - 0.5 * il)   # grows from below, merges into the ilium
-        if ac > 0.2:
-            ring(sd * (fxs - 0.06 - 0.03 * il), fy_, (fr * 0.7 + 0.05) * ac, (fr * 0.85 + 0.04) * ac, CORTEX, marrow,
-                 1.6, BONE)
-        if il:
-            ring(sd * (fxs - 0.12 + 0.03 * il), fy_ + 0.10 - 0.02 * il, 0.06 + 0.10 * il, 0.045 + 0.01 * il,
-                 CORTEX, marrow, 1.6, BONE, sd * (-1.0 + 0.3 * il))
-        # ischium (posterior column) down to the ischial tuberosity
-        isc = _prof(zs, -0.15, zh + 0.08, 0.3)
-        if isc:
-            ty = 0.12 + 0.05 * (1 - _step(zs, 0.0, zh))
-            ring(sd * (fxs - 0.12), fy_ + ty, 0.045 * isc + 0.01, 0.085 * isc, CORTEX, marrow, 1.6, BONE, -sd * 0.35)
-        # pubis: superior ramus towards the acetabulum, body at the symphysis, inferior ramus caudally
-        sr = _prof(zs, zh - 0.16, zh + 0.05, 0.25)
-        if sr:
-            ring(sd * (0.24 + 0.04 * (1 - sr)), (P["sym_y"] + fy_) / 2 - 0.04, 0.16 * (0.4 + 0.6 * sr), 0.035 * sr,
-                 CORTEX, marrow, 1.5, BONE, -sd * 0.4)
-        sym = _prof(zs, 0.0, zh, 0.3)
-        if sym:
-            ring(sd * 0.05, P["sym_y"], 0.04 * sym, 0.06 * sym, CORTEX, marrow, 1.5, BONE, -sd * 0.25)
-        ir = _prof(zs, -0.2, 0.2, 0.3)
-        if ir:
-            ring(sd * 0.15, P["sym_y"] + 0.09, 0.10, 0.03 * ir + 0.005, CORTEX, marrow, 1.5, BONE, sd * 0.9)
-        # femur: head (a sphere), neck and greater trochanter below its centre, shaft further down
-        rh = fr * _prof(zs, zh - 0.15, zh + 0.15)
-        # proximal femur: round shaft with a thick cortex, widening into the greater trochanter, which gives way to
-        # the neck and head above
-        t = _step(zs, zh - 0.34, zh - 0.12)
-        fade = 1 - _step(zs, zh - 0.12, zh + 0.02)
-        if fade > 0.3:
-            s = 0.3 + 0.7 * fade
-            ring(sd * (fxs + 0.09 + 0.05 * t), fy_ + 0.03 + 0.02 * t, (0.06 + 0.05 * t) * s, (0.06 + 0.02 * t) * s,
-                 CORTEX, marrow, 4.0 - 2.2 * t, BONE, sd * 0.35 * t)
-        nk = _step(zs, zh - 0.22, zh - 0.1) * (1 - _step(zs, zh - 0.06, zh + 0.02))
-        if nk > 0.2:
-            ring(sd * (fxs + 0.06), fy_ + 0.015, 0.1 * nk + 0.02, 0.045 * (0.5 + 0.5 * nk), CORTEX, marrow, 1.8,
-                 BONE, sd * 0.3)
-        if rh > 0.3 * fr:
-            paint(sd * fxs, fy_, rh + 2.5 * PIX, rh + 2.5 * PIX, 330.0, BODY)       # joint cartilage / fluid
-            ring(sd * fxs, fy_, rh, rh, CORTEX, marrow, 1.6, BONE)
-    if _prof(zs, 0.0, zh, 0.3):
-        paint(0, P["sym_y"], 0.01, 0.04, 260.0, BODY)                            # symphyseal disc
-    sac = _step(zs, 0.45, 1.1)                                                   # coccyx, then sacrum cranially
-    if zs > 0.3:
-        ring(0, P["sac_y"] + 0.05 * sac, 0.03 + 0.16 * sac, 0.03 + 0.035 * sac, CORTEX, marrow, 1.6, BONE)
-    # ---- bowel loops cranially (sigmoid / small bowel): dark wall, intermediate content
-    for lx, ly, lz, lr in P["loops"]:
-        s = _prof(zs, lz - 0.15, lz + 0.15, 0.4)
-        if s:
-            ring(lx, ly, lr * s, lr * s * 0.8, 160.0, tissue("content") * 0.8, 1.5, BODY)
-    # ---- bladder: very bright urine, thin dark wall; its height grows with the week's filling
-    fill = W["fill"]
-    bz0 = pr_z1 - 0.015                              # the bladder neck sits on the prostate base
-    sb = _prof(zs, bz0 - 0.03, bz0 + P["bl_h"] * (0.6 + 0.6 * fill), 0.35)
-    bl_y = pr_cy - 0.03 - 0.05 * fill * _step(zs, bz0, bz0 + 0.3)
-    sv = _prof(zs, pr_z1 - 0.05, pr_z1 + 0.13, 0.4)   # seminal vesicles between bladder base and rectum
-    if sv:
-        for sd in (-1, 1):
-            ring(sd * 0.075, re_y - P["re_b"] - 0.025, 0.075 * sv, 0.022 * sv, 200.0, tissue("sv"), 1.0, BODY,
-                 -sd * 0.35)
-    if sb:
-        ba, bb = P["bl_a"] * (0.7 + 0.35 * fill) * sb, P["bl_b"] * (0.7 + 0.35 * fill) * sb
-        ring(0, bl_y - 0.3 * (1 - sb) * bb, ba, bb, 170.0, URINE, 1.4, BLADDER, 0.0, p=3 if fill > 0.9 else 2)
-    # ---- rectum: mesorectal fat, layered wall (dark muscularis, bright submucosa, dark mucosa), content and gas
-    if _prof(zs, -0.15, 1.25):
-        dist = W["dist"] * (0.75 + 0.25 * _step(zs, 0.1, pr_z0 + 0.1))
-        ra_, rb_ = P["re_a"] * dist, P["re_b"] * dist
-        ring(0, re_y, ra_ + 0.04, rb_ + 0.035, plane, fat, 0.8, BODY, warp=1.5)   # mesorectal fascia
-        ring(0, re_y, ra_, rb_, 150.0, 400.0 * (1 + 0.1 * field(1)), 2.0, RECTUM, warp=1.0)
-        w = 3.2 * PIX
-        # lumen: a slit when collapsed, round when distended, lined by darker mucosa
-        la_, lb_ = ra_ - w, (rb_ - w) * min(1.0, 0.35 + 0.6 * (W["dist"] - 0.8) / 0.55)
-        ring(0, re_y, la_, lb_, 230.0, tissue("content"), 1.2, warp=1.0)
-        gas = W["gas"] + 0.5 * math.sin(2 * math.pi * (2.1 * zs + W["gas_phase"]))
-        if gas > 0.2:
-            gs = min(1.0, gas - 0.2) ** 0.5
-            paint(0, re_y - 0.3 * lb_, (la_ - 1.5 * PIX) * 0.85 * gs, (lb_ - 1.5 * PIX) * 0.65 * gs, 0.0)
-    # ---- prostate: dark capsule, bright peripheral zone, darker nodular central gland anteriorly
-    sp = _prof(zs, pr_z0, pr_z1, 0.45)
-    if sp:
-        pa, pb = P["pr_a"] * sp, P["pr_b"] * sp
-        for sd in (-1, 1):   # periprostatic venous plexus (bright) and neurovascular bundles
-            paint(sd * (pa * 0.8), pr_cy - pb * 0.6, 0.018, 0.012, 620.0, BODY)
-            paint(sd * (pa * 0.7), pr_cy + pb * 0.85, 0.012, 0.012, 150.0, BODY)
-        ring(0, pr_cy, pa, pb, 150.0, tissue("pz"), 1.2, PROSTATE)
-        tzs = P["tz"] * (0.8 + 0.2 * _step(zs, pr_z0, pr_z1))
-        paint(0, pr_cy - 0.15 * pb, pa * tzs, pb * tzs * 0.95, tissue("tz"))     # inside the capsule
-        paint(0, pr_cy - 0.72 * pb, 0.45 * pa, 0.2 * pb, 190.0)                  # anterior fibromuscular stroma
+def _rectum_y(s):
+    """Centre of the rectum, behind the prostate; it follows the sacral curve cranially."""
+    pat = s.patient
+    return pat["pr_cy"] + pat["pr_b"] + pat["re_b"] + 0.015 + 0.10 * _step(s.z, 0.45, 1.1)
 
-    # ---- coil shading: brighter near the anterior and posterior coils, plus a smooth random bias field
-    xn, yn = x, (y - W["coil_y"]) / 0.45
-    bias_poly = (np.stack([np.ones_like(x), x, x * x - 0.35], 1) @ W["bias"].astype(np.float32)
+
+def _body_and_subcutaneous_fat(s):
+    """Body outline (a rounded-rectangle trunk plus the buttocks), all subcutaneous fat."""
+    pat, fat = s.patient, s.tissue("fat")
+    body_a, body_b, body_y = pat["body_a"], pat["body_b"], pat["body_cy"]
+    s.paint(0, body_y, body_a, body_b, fat, BODY, p=3, warp=1.0)
+    for side in (-1, 1):
+        s.paint(side * 0.36 * body_a, body_y + 0.45 * body_b, 0.52 * body_a, 0.62 * body_b, fat, BODY, side * 0.12,
+                warp=1.0)
+    s.paint(0, body_y + body_b + 0.03, 0.02, 0.08, 0.0, 0)                       # natal cleft
+
+
+def _deep_muscles(s):
+    """Deep compartment: muscle under the subcutaneous fat of trunk and buttocks (_hip_muscles splits it into groups
+    by thin fat planes)."""
+    pat = s.patient
+    body_a, body_b, body_y = pat["body_a"], pat["body_b"], pat["body_cy"]
+    fat_lateral = pat["fat"]
+    fat_anterior, fat_posterior = fat_lateral * pat["fat_ant"], fat_lateral * pat["fat_post"]
+    s.paint(0, body_y + (fat_anterior - fat_posterior) / 2, body_a - fat_lateral,
+            body_b - (fat_anterior + fat_posterior) / 2, s.muscle(0.0), BODY, p=3, warp=1.5)
+    for side in (-1, 1):
+        s.paint(side * 0.36 * body_a, body_y + 0.45 * body_b, 0.52 * body_a - fat_posterior,
+                0.62 * body_b - fat_posterior, s.muscle(side * 0.6), BODY, side * 0.12, warp=1.5)
+
+
+def _hip_muscles(s, side):
+    """Muscle groups around one hip (side -1 or 1), split by thin fat planes."""
+    pat, plane, muscle, ring, z = s.patient, s.tissue("plane"), s.muscle, s.ring, s.z
+    body_a, body_b, body_y = pat["body_a"], pat["body_b"], pat["body_cy"]
+    femur_x, femur_y = pat["fem_cx"] + side * pat["fem_asym"], pat["fem_cy"]
+    hip_z, muscle_size, glut = pat["fem_z"], pat["mus"], pat["glut"]
+    # gluteus maximus: big, posterolateral, fibres running obliquely
+    ring(side * 0.43 * body_a, body_y + 0.5 * body_b + 0.02, 0.33 * body_a * glut, 0.55 * body_b * glut, plane,
+         muscle(side * 0.6), 1.3, BODY, side * 0.5)
+    # lateral group: gluteus medius/minimus cranially, vastus lateralis caudally
+    ring(side * (femur_x + 0.17), femur_y + 0.03, 0.085 * muscle_size, 0.15 * muscle_size, plane, muscle(side * 1.5),
+         1.2, BODY, side * 0.25)
+    # hip flexors: iliopsoas in front of the femoral head, sartorius / rectus femoris, tensor fasciae latae
+    ring(side * (femur_x - 0.03), femur_y - 0.185, 0.10 * muscle_size, 0.065 * muscle_size, plane, muscle(side * 0.3),
+         1.3, BODY, side * 0.2)
+    ring(side * (femur_x + 0.12), femur_y - 0.23, 0.07 * muscle_size, 0.05 * muscle_size, plane, muscle(0.0), 1.2,
+         BODY, side * 0.3)
+    ring(side * (femur_x + 0.25), femur_y - 0.13, 0.055 * muscle_size, 0.05 * muscle_size, plane, muscle(side * 0.9),
+         1.2, BODY, side * 0.7)
+    # pectineus / adductors and obturator externus caudally, quadratus femoris behind the femoral neck
+    adductors = _prof(z, -0.4, hip_z + 0.05, 0.3)
+    ring(side * (femur_x - 0.21), femur_y - 0.13, 0.09 * adductors, 0.06 * adductors, plane, muscle(side * 0.8), 1.2,
+         BODY, side * 0.5)
+    ring(side * (femur_x - 0.11), femur_y - 0.03, 0.075 * adductors, 0.045 * adductors, plane, muscle(side * 0.2),
+         1.2, BODY, -side * 0.3)
+    quadratus = _prof(z, -0.2, hip_z - 0.05, 0.3)
+    ring(side * (femur_x - 0.01), femur_y + 0.15, 0.09 * quadratus, 0.035 * quadratus, plane, muscle(0.0), 1.2, BODY,
+         -side * 0.2)
+
+
+def _femoral_vessels(s, side):
+    """Femoral artery and vein in their fat pad, anteromedial to the hip."""
+    pat = s.patient
+    femur_x, femur_y = pat["fem_cx"] + side * pat["fem_asym"], pat["fem_cy"]
+    s.paint(side * (femur_x - 0.155), femur_y - 0.215, 0.055, 0.035, s.tissue("fat"), BODY)
+    s.paint(side * (femur_x - 0.13), femur_y - 0.215, 0.02, 0.02, 60.0, BODY, warp=0)   # artery: flow void
+    s.paint(side * (femur_x - 0.18), femur_y - 0.21, 0.025, 0.022, 430.0, BODY, warp=0)  # vein: slow flow
+
+
+def _prevesical_fat_and_rectus_abdominis(s):
+    """Prevesical / suprapubic fat in the midline, rectus abdominis above the symphysis."""
+    pat = s.patient
+    front = pat["body_cy"] - pat["body_b"] + pat["fat"] * pat["fat_ant"]   # inner edge of the anterior fat
+    s.paint(0, front + 0.06, 0.17, 0.11, s.tissue("fat"), BODY)
+    rectus = _step(s.z, 0.35, 0.55)
+    for side in (-1, 1):
+        s.ring(side * 0.065, front + 0.012, 0.06 * rectus, 0.02 * rectus, s.tissue("plane"), s.muscle(0), 1.0, BODY)
+
+
+def _pelvic_cavity_fat_and_obturator_internus(s):
+    """Fat around the pelvic organs (narrow between the ischial tuberosities caudally), obturator internus lining the
+    side walls."""
+    pat = s.patient
+    half_width = 0.19 + 0.09 * _step(s.z, 0.1, 0.7)
+    centre_y = (pat["pr_cy"] + _rectum_y(s)) / 2 + 0.03
+    s.paint(0, centre_y, half_width, 0.26, s.tissue("fat"), BODY)
+    obturator = _prof(s.z, -0.05, pat["fem_z"] + 0.25, 0.3)
+    for side in (-1, 1):
+        s.ring(side * (half_width - 0.01), centre_y + 0.02, 0.035 * obturator, 0.16 * obturator, s.tissue("plane"),
+               s.muscle(side * 1.57), 1.2, BODY, side * 0.12)
+
+
+def _pelvic_floor(s):
+    """Levator ani sling around prostate and rectum (open anteriorly), ischioanal fat outside it."""
+    pat = s.patient
+    levator = _prof(s.z, -0.15, pat["pr_z1"] + 0.06, 0.3)
+    if levator:
+        prostate_y, rectum_y, fat = pat["pr_cy"], _rectum_y(s), s.tissue("fat")
+        sling_b = (rectum_y - prostate_y) / 2 + pat["re_b"] + 0.035
+        s.ring(0, (prostate_y + rectum_y) / 2 + 0.01, max(pat["pr_a"], pat["re_a"]) * levator + 0.045, sling_b,
+               s.muscle(1.57), fat, 1.4, BODY, warp=1.0)
+        s.paint(0, prostate_y - sling_b * 0.5, max(pat["pr_a"], pat["re_a"]) * levator + 0.07, sling_b * 0.55, fat,
+                BODY)
+
+
+def _acetabulum_and_ilium(s, side):
+    """Acetabulum cupping the femoral head; ilium above it."""
+    pat, marrow = s.patient, s.tissue("marrow")
+    femur_x, femur_y, femur_r, hip_z = pat["fem_cx"] + side * pat["fem_asym"], pat["fem_cy"], pat["fem_r"], pat["fem_z"]
+    ilium = _step(s.z, hip_z + 0.05, hip_z + 0.3)
+    acetabulum = _step(s.z, hip_z - 0.14, hip_z - 0.02) * (1 - 0.5 * ilium)   # grows from below, merges into the ilium
+    if acetabulum > 0.2:
+        s.ring(side * (femur_x - 0.06 - 0.03 * ilium), femur_y, (femur_r * 0.7 + 0.05) * acetabulum,
+               (femur_r * 0.85 + 0.04) * acetabulum, CORTEX, marrow, 1.6, BONE)
+    if ilium:
+        s.ring(side * (femur_x - 0.12 + 0.03 * ilium), femur_y + 0.10 - 0.02 * ilium, 0.06 + 0.10 * ilium,
+               0.045 + 0.01 * ilium, CORTEX, marrow, 1.6, BONE, side * (-1.0 + 0.3 * ilium))
+
+
+def _ischium(s, side):
+    """Ischium (posterior column) down to the ischial tuberosity."""
+    pat = s.patient
+    femur_x, femur_y, hip_z = pat["fem_cx"] + side * pat["fem_asym"], pat["fem_cy"], pat["fem_z"]
+    size = _prof(s.z, -0.15, hip_z + 0.08, 0.3)
+    if size:
+        back = 0.12 + 0.05 * (1 - _step(s.z, 0.0, hip_z))
+        s.ring(side * (femur_x - 0.12), femur_y + back, 0.045 * size + 0.01, 0.085 * size, CORTEX, s.tissue("marrow"),
+               1.6, BONE, -side * 0.35)
+
+
+def _pubis(s, side):
+    """Pubis: superior ramus towards the acetabulum, body at the symphysis, inferior ramus caudally."""
+    pat, z, marrow = s.patient, s.z, s.tissue("marrow")
+    femur_y, hip_z, symphysis_y = pat["fem_cy"], pat["fem_z"], pat["sym_y"]
+    superior = _prof(z, hip_z - 0.16, hip_z + 0.05, 0.25)
+    if superior:
+        s.ring(side * (0.24 + 0.04 * (1 - superior)), (symphysis_y + femur_y) / 2 - 0.04, 0.16 * (0.4 + 0.6 * superior),
+               0.035 * superior, CORTEX, marrow, 1.5, BONE, -side * 0.4)
+    body = _prof(z, 0.0, hip_z, 0.3)
+    if body:
+        s.ring(side * 0.05, symphysis_y, 0.04 * body, 0.06 * body, CORTEX, marrow, 1.5, BONE, -side * 0.25)
+    inferior = _prof(z, -0.2, 0.2, 0.3)
+    if inferior:
+        s.ring(side * 0.15, symphysis_y + 0.09, 0.10, 0.03 * inferior + 0.005, CORTEX, marrow, 1.5, BONE, side * 0.9)
+
+
+def _femur(s, side):
+    """Femur: head (a sphere), neck and greater trochanter below its centre, shaft further down."""
+    pat, z, marrow = s.patient, s.z, s.tissue("marrow")
+    femur_x, femur_y, femur_r, hip_z = pat["fem_cx"] + side * pat["fem_asym"], pat["fem_cy"], pat["fem_r"], pat["fem_z"]
+    head_r = femur_r * _prof(z, hip_z - 0.15, hip_z + 0.15)
+    # proximal femur: round shaft with a thick cortex, widening into the greater trochanter, which gives way to
+    # the neck and head above
+    trochanter = _step(z, hip_z - 0.34, hip_z - 0.12)
+    fade = 1 - _step(z, hip_z - 0.12, hip_z + 0.02)
+    if fade > 0.3:
+        size = 0.3 + 0.7 * fade
+        s.ring(side * (femur_x + 0.09 + 0.05 * trochanter), femur_y + 0.03 + 0.02 * trochanter,
+               (0.06 + 0.05 * trochanter) * size, (0.06 + 0.02 * trochanter) * size, CORTEX, marrow,
+               4.0 - 2.2 * trochanter, BONE, side * 0.35 * trochanter)
+    neck = _step(z, hip_z - 0.22, hip_z - 0.1) * (1 - _step(z, hip_z - 0.06, hip_z + 0.02))
+    if neck > 0.2:
+        s.ring(side * (femur_x + 0.06), femur_y + 0.015, 0.1 * neck + 0.02, 0.045 * (0.5 + 0.5 * neck), CORTEX,
+               marrow, 1.8, BONE, side * 0.3)
+    if head_r > 0.3 * femur_r:
+        s.paint(side * femur_x, femur_y, head_r + 2.5 * PIX, head_r + 2.5 * PIX, 330.0, BODY)  # joint cartilage / fluid
+        s.ring(side * femur_x, femur_y, head_r, head_r, CORTEX, marrow, 1.6, BONE)
+
+
+def _bones(s):
+    """Bones: dark cortex around fatty marrow.  Each side's pelvic bones and femur, the symphysis, the sacrum."""
+    pat, marrow = s.patient, s.tissue("marrow")
+    for side in (-1, 1):
+        _acetabulum_and_ilium(s, side)
+        _ischium(s, side)
+        _pubis(s, side)
+        _femur(s, side)
+    if _prof(s.z, 0.0, pat["fem_z"], 0.3):
+        s.paint(0, pat["sym_y"], 0.01, 0.04, 260.0, BODY)                            # symphyseal disc
+    sacrum = _step(s.z, 0.45, 1.1)                                                 # coccyx, then sacrum cranially
+    if s.z > 0.3:
+        s.ring(0, pat["sac_y"] + 0.05 * sacrum, 0.03 + 0.16 * sacrum, 0.03 + 0.035 * sacrum, CORTEX, marrow, 1.6, BONE)
+
+
+def _bowel_loops(s):
+    """Bowel loops cranially (sigmoid / small bowel): dark wall, intermediate content."""
+    for loop_x, loop_y, loop_z, loop_r in s.patient["loops"]:
+        size = _prof(s.z, loop_z - 0.15, loop_z + 0.15, 0.4)
+        if size:
+            s.ring(loop_x, loop_y, loop_r * size, loop_r * size * 0.8, 160.0, s.tissue("content") * 0.8, 1.5, BODY)
+
+
+def _seminal_vesicles(s):
+    """Seminal vesicles between bladder base and rectum."""
+    pat = s.patient
+    size = _prof(s.z, pat["pr_z1"] - 0.05, pat["pr_z1"] + 0.13, 0.4)
+    if size:
+        for side in (-1, 1):
+            s.ring(side * 0.075, _rectum_y(s) - pat["re_b"] - 0.025, 0.075 * size, 0.022 * size, 200.0,
+                   s.tissue("sv"), 1.0, BODY, -side * 0.35)
+
+
+def _bladder(s):
+    """Bladder: very bright urine, thin dark wall; its height grows with the week's filling."""
+    pat, fill = s.patient, s.session["fill"]
+    neck_z = pat["pr_z1"] - 0.015                              # the bladder neck sits on the prostate base
+    size = _prof(s.z, neck_z - 0.03, neck_z + pat["bl_h"] * (0.6 + 0.6 * fill), 0.35)
+    if size:
+        centre_y = pat["pr_cy"] - 0.03 - 0.05 * fill * _step(s.z, neck_z, neck_z + 0.3)
+        half_a, half_b = pat["bl_a"] * (0.7 + 0.35 * fill) * size, pat["bl_b"] * (0.7 + 0.35 * fill) * size
+        s.ring(0, centre_y - 0.3 * (1 - size) * half_b, half_a, half_b, 170.0, URINE, 1.4, BLADDER, 0.0,
+               p=3 if fill > 0.9 else 2)
+
+
+def _rectum(s):
+    """Rectum: mesorectal fat, layered wall (dark muscularis, bright submucosa, dark mucosa), content and gas."""
+    pat, session, z = s.patient, s.session, s.z
+    if not _prof(z, -0.15, 1.25):
+        return
+    rectum_y = _rectum_y(s)
+    distension = session["dist"] * (0.75 + 0.25 * _step(z, 0.1, pat["pr_z0"] + 0.1))
+    half_a, half_b = pat["re_a"] * distension, pat["re_b"] * distension
+    # mesorectal fat inside its fascia, then the wall around the content
+    s.ring(0, rectum_y, half_a + 0.04, half_b + 0.035, s.tissue("plane"), s.tissue("fat"), 0.8, BODY, warp=1.5)
+    s.ring(0, rectum_y, half_a, half_b, 150.0, 400.0 * (1 + 0.1 * s.field(1)), 2.0, RECTUM, warp=1.0)
+    wall = 3.2 * PIX
+    # lumen: a slit when collapsed, round when distended, lined by darker mucosa
+    lumen_a, lumen_b = half_a - wall, (half_b - wall) * min(1.0, 0.35 + 0.6 * (session["dist"] - 0.8) / 0.55)
+    s.ring(0, rectum_y, lumen_a, lumen_b, 230.0, s.tissue("content"), 1.2, warp=1.0)
+    gas = session["gas"] + 0.5 * math.sin(2 * math.pi * (2.1 * z + session["gas_phase"]))
+    if gas > 0.2:
+        gas_size = min(1.0, gas - 0.2) ** 0.5
+        s.paint(0, rectum_y - 0.3 * lumen_b, (lumen_a - 1.5 * PIX) * 0.85 * gas_size,
+                (lumen_b - 1.5 * PIX) * 0.65 * gas_size, 0.0)
+
+
+def _prostate(s):
+    """Prostate: dark capsule, bright peripheral zone, darker nodular central gland anteriorly."""
+    pat = s.patient
+    size = _prof(s.z, pat["pr_z0"], pat["pr_z1"], 0.45)
+    if not size:
+        return
+    centre_y = pat["pr_cy"]
+    half_a, half_b = pat["pr_a"] * size, pat["pr_b"] * size
+    for side in (-1, 1):   # periprostatic venous plexus (bright) and neurovascular bundles
+        s.paint(side * (half_a * 0.8), centre_y - half_b * 0.6, 0.018, 0.012, 620.0, BODY)
+        s.paint(side * (half_a * 0.7), centre_y + half_b * 0.85, 0.012, 0.012, 150.0, BODY)
+    s.ring(0, centre_y, half_a, half_b, 150.0, s.tissue("pz"), 1.2, PROSTATE)
+    # central gland (transition zone), inside the capsule, and the anterior fibromuscular stroma
+    central = pat["tz"] * (0.8 + 0.2 * _step(s.z, pat["pr_z0"], pat["pr_z1"]))
+    s.paint(0, centre_y - 0.15 * half_b, half_a * central, half_b * central * 0.95, s.tissue("tz"))
+    s.paint(0, centre_y - 0.72 * half_b, 0.45 * half_a, 0.2 * half_b, 190.0)
+
+
+def _coil_shading_and_bias_field(s):
+    """Brighter near the anterior and posterior coils, plus a smooth random bias field, times the receiver gain."""
+    x, y, session = s.x, s.y, s.session
+    xn, yn = x, (y - session["coil_y"]) / 0.45     # coordinates scaled to the coils' sensitivity profile
+    bias_poly = (np.stack([np.ones_like(x), x, x * x - 0.35], 1) @ session["bias"].astype(np.float32)
                  @ np.stack([np.ones_like(y), yn, yn * yn - 0.35], 0))
-    bias_poly *= W["bias_amp"] / float(np.abs(bias_poly).max())
-    shade = (1 + W["coil"] * yn[None, :] ** 2 + 0.15 * W["coil"] * xn[:, None] ** 2) / (1 + 0.4 * W["coil"])
-    img *= (W["gain"] * shade * (1 + bias_poly)).astype(np.float32)
-    rng = _rng(seed, case, week, slice_idx, n_slices)
-    if end == 1:   # beyond the body's coverage: a sliver of body near a coil, or noise only
-        e = rng.uniform(size=3)
-        if e[0] < 0.5:
-            img[:] = 0
-            lab[:] = 0
-        else:
-            ys = (y - W["dy"]) / sy if e[1] < 0.6 else -(y - W["dy"]) / sy   # anterior or posterior sliver
-            edge = -(B - bcy) if e[1] < 0.6 else -(B + bcy + 0.07)
-            m = np.clip((edge + (0.03 + 0.07 * e[2]) - ys) / (6 * PIX), 0, 1).astype(np.float32)
-            img *= m[None, :] * (0.4 + 0.6 * e[2])
-            lab[:, m <= 0.5] = 0
-    # Rician noise: magnitude of complex signal with gaussian noise in both channels
-    sigma = W["sigma"] * FAT * W["gain"] * rng.uniform(0.9, 1.1)
-    noise = rng.standard_normal((2,) + img.shape, dtype=np.float32) * np.float32(sigma)
-    out = np.hypot(img + noise[0], noise[1]).astype(np.float64)
-    return (out, lab) if labels else out
+    bias_poly *= session["bias_amp"] / float(np.abs(bias_poly).max())
+    coil = session["coil"]
+    shade = (1 + coil * yn[None, :] ** 2 + 0.15 * coil * xn[:, None] ** 2) / (1 + 0.4 * coil)
+    s.img *= (session["gain"] * shade * (1 + bias_poly)).astype(np.float32)
+
+
+def _beyond_the_body(s, rng):
+    """An end-of-scan slice beyond the body's coverage: a sliver of body near a coil, or noise only."""
+    draw = rng.uniform(size=3)
+    if draw[0] < 0.5:
+        s.img[:] = 0
+        s.lab[:] = 0
+        return
+    pat, anterior = s.patient, draw[1] < 0.6
+    body_b, body_y = pat["body_b"], pat["body_cy"]
+    y_body = (s.y - s.session["dy"]) / s.scale_y if anterior else -(s.y - s.session["dy"]) / s.scale_y
+    edge = -(body_b - body_y) if anterior else -(body_b + body_y + 0.07)
+    keep = np.clip((edge + (0.03 + 0.07 * draw[2]) - y_body) / (6 * PIX), 0, 1).astype(np.float32)
+    s.img *= keep[None, :] * (0.4 + 0.6 * draw[2])
+    s.lab[:, keep <= 0.5] = 0
+
+
+def _rician_noise(s, rng):
+    """Magnitude of the complex signal with gaussian noise in both channels, as float64."""
+    session = s.session
+    sigma = session["sigma"] * FAT * session["gain"] * rng.uniform(0.9, 1.1)
+    noise = rng.standard_normal((2,) + s.img.shape, dtype=np.float32) * np.float32(sigma)
+    return np.hypot(s.img + noise[0], noise[1]).astype(np.float64)
+
+
+def phantom_slice(case: int, week: int, slice_idx: int, n_slices: int, width: int = 128, seed: int = 0,
+                  labels: bool = False, scan_ends: bool = False):
+    """float64 array of shape (256, width), raw 'scanner' intensities (roughly 0..~1500, Rician noise background).
+    labels=True returns (image, uint8 labels of the same shape).  scan_ends=True makes the outermost slices of a
+    scan near-empty or all zero as scan_end_kind says (write_phantom does this); by default every slice is an
+    ordinary one."""
+    end = scan_end_kind(seed, case, week, slice_idx, n_slices) if scan_ends else 0
+    if end == 2:
+        img = np.zeros((N_LR, width))
+        return (img, np.zeros((N_LR, width), np.uint8)) if labels else img
+    s = Slice(seed, case, week, slice_idx, n_slices, width)
+    # painted outside in: later structures cover earlier ones
+    _body_and_subcutaneous_fat(s)
+    _deep_muscles(s)
+    for side in (-1, 1):
+        _hip_muscles(s, side)
+        _femoral_vessels(s, side)
+    _prevesical_fat_and_rectus_abdominis(s)
+    _pelvic_cavity_fat_and_obturator_internus(s)
+    _pelvic_floor(s)
+    _bones(s)
+    _bowel_loops(s)
+    _seminal_vesicles(s)
+    _bladder(s)
+    _rectum(s)
+    _prostate(s)
+    _coil_shading_and_bias_field(s)
+    rng = _rng(seed, case, week, slice_idx, n_slices)   # the end-of-scan draw, then the noise
+    if end == 1:
+        _beyond_the_body(s, rng)
+    out = _rician_noise(s, rng)
+    return (out, s.lab) if labels else out
 
 
 def _plan(split, n, seed):
@@ -480,84 +641,87 @@ def _write_one(item):
         if kind == 1:
             data, seg = data[..., None], seg[..., None]
     affine = np.diag(list(VOXEL_MM) + [1.0])
-    for arr, p in ((data, path), (seg, seg_path)):
-        img = nib.Nifti1Image(arr, affine)
-        img.set_data_dtype(arr.dtype)
-        nib.save(img, p)
+    write_nifti(path, data, affine)
+    write_nifti(seg_path, seg, affine)
 
 
-def write_phantom(root, n_per_split={"train": 640, "validate": 80, "test": 60}, seed=0, progress=False) -> None:
+def write_phantom(root, n_per_split, seed=0, progress=False) -> None:
     """Writes root/keras_slices_{train,validate,test}/case_XXX_week_N_slice_K.nii.gz (XXX zero-padded to 3 digits)
     and their label maps root/keras_slices_seg_{split}/seg_XXX_week_N_slice_K.nii.gz (uint8, same shape and affine),
     in parallel over the machine's cores."""
     items = []
     for split, n in n_per_split.items():
         out, seg = os.path.join(root, f"keras_slices_{split}"), os.path.join(root, f"keras_slices_seg_{split}")
-        os.makedirs(out, exist_ok=True)
-        os.makedirs(seg, exist_ok=True)
+        make_folder(out)
+        make_folder(seg)
         items += [(os.path.join(out, f"case_{case:03d}_week_{week}_slice_{k}.nii.gz"),
                    os.path.join(seg, f"seg_{case:03d}_week_{week}_slice_{k}.nii.gz"), case, week, k, n_week, seed)
                   for case, week, k, n_week in _plan(split, n, seed)]
-    from tqdm import tqdm
     # items run in patient order and in chunks, so each worker reuses its cached per-patient texture fields
     with multiprocessing.get_context("fork").Pool(os.cpu_count()) as pool:
-        for _ in tqdm(pool.imap_unordered(_write_one, items, chunksize=16), total=len(items), disable=not progress,
-                      desc="phantom"):
+        for _ in utils.progress(pool.imap_unordered(_write_one, items, chunksize=16), "phantom", len(items), progress):
             pass
 
 
-DEMO_SIZES = {"train": 640, "validate": 80, "test": 60}
+def ensure_demo(root=DEMO_ROOT, sizes=DEMO_SIZES, seed=0):
+    """Write the synthetic pelvis phantom once (into a temp folder, then rename) and return its root."""
+    if not os.path.isdir(root):
+        print(f"writing the synthetic pelvis phantom to {root} (once)")
+        tmp = f"{root}.tmp{os.getpid()}"
+        try:
+            write_phantom(tmp, sizes, seed=seed, progress=True)
+            os.replace(tmp, root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
 # (case, position along the scan from caudal 0 to cranial 1): different patients, levels and set-ups
-DEMO_VIEWS = ((4, 0.15), (11, 0.25), (37, 0.35), (17, 0.5), (23, 0.6), (30, 0.75), (40, 0.9))
+FIGURE_VIEWS = ((4, 0.15), (11, 0.25), (37, 0.35), (17, 0.5), (23, 0.6), (30, 0.75), (40, 0.9))
 
 
-def figure(path, seed=0, views=DEMO_VIEWS, end_view=True):
-    """Slices of the demo set (the ones nearest each view's case and position) beside their label maps, for the
-    README; with end_view, also the demo set's first near-empty end-of-scan slice that shows a sliver of body."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-    from matplotlib.patches import Patch
+def figure_slices(seed=0, views=FIGURE_VIEWS):
+    """The demo set's slices nearest each view's case and position, and its first near-empty end-of-scan slice
+    that shows a sliver of body -> [(name, image, labels)], for the README's figure."""
     demo = [v for split, n in DEMO_SIZES.items() for v in _plan(split, n, seed)]
     shown = []
     for case, pos in views:
         ok = [v for v in demo if v[0] == case and scan_end_kind(seed, *v) == 0]
         shown.append(min(ok, key=lambda v: abs((v[2] + 0.5) / v[3] - pos)))
-    if end_view:
-        shown += [v for v in demo if scan_end_kind(seed, *v) == 1
-                  and phantom_slice(*v, seed=seed, labels=True, scan_ends=True)[1].any()][:1]
-    views = shown
-    colors = ["#000000", "#5a5a5a", "#f0e2a8", "#3d8fd9", "#c87533", "#e0301e"]
-    cmap = ListedColormap(colors)
-    rows = (len(views) + 1) // 2
-    fig, axes = plt.subplots(rows, 4, figsize=(12, 1.62 * rows + 0.35), dpi=80)
-    for i, (c, w, k, n) in enumerate(views):
-        img, lab = phantom_slice(c, w, k, n, seed=seed, labels=True, scan_ends=True)
-        ax_i, ax_l = axes.flat[2 * i], axes.flat[2 * i + 1]
-        ax_i.imshow(img.T, cmap="gray", vmin=0, vmax=np.percentile(img, 99.5), interpolation="antialiased")
-        ax_l.imshow(lab.T, cmap=cmap, vmin=-0.5, vmax=5.5, interpolation="nearest")
-        end = " (end of scan)" if scan_end_kind(seed, c, w, k, n) else ""
-        ax_i.set_title(f"case_{c:03d}_week_{w}_slice_{k} (of {n}){end}", fontsize=8, pad=2)
-        ax_l.set_title("labels", fontsize=8, pad=2)
-    for ax in axes.flat:
-        ax.axis("off")
-    fig.legend(handles=[Patch(color=col, label=f"{i} {name}") for i, (col, name) in enumerate(zip(colors, LABELS))],
-               loc="lower center", ncol=6, fontsize=8, frameon=False)
-    fig.subplots_adjust(left=0.005, right=0.995, top=0.96, bottom=0.35 / (1.62 * rows + 0.35) + 0.01,
-                        wspace=0.02, hspace=0.15)
-    fig.canvas.draw()
-    from PIL import Image   # a 128-colour palette keeps the PNG small (grey levels plus the six label colours)
-    rgb = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3])
-    plt.close(fig)
-    rgb.quantize(128, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+    shown += [v for v in demo if scan_end_kind(seed, *v) == 1
+              and phantom_slice(*v, seed=seed, labels=True, scan_ends=True)[1].any()][:1]
+    out = []
+    for case, week, k, n in shown:
+        end = " (end of scan)" if scan_end_kind(seed, case, week, k, n) else ""
+        out.append((f"case_{case:03d}_week_{week}_slice_{k} (of {n}){end}",
+                    *phantom_slice(case, week, k, n, seed=seed, labels=True, scan_ends=True)))
+    return out
+
+
+BLOCK = dict(
+    figure=Option(None, kind=str),   # write the README figure of demo slices beside their labels here
+    out_dir=Option(None, kind=str),  # write a phantom data set here, in the course layout
+    seed=Option(0),                  # the demo is seed 0; another seed gives other patients
+    n_train=Option(DEMO_SIZES["train"], at_least=1),
+    n_validate=Option(DEMO_SIZES["validate"], at_least=1),
+    n_test=Option(DEMO_SIZES["test"], at_least=1),
+)
+
+
+def main(argv):
+    """python phantom.py --figure=assets/phantom.png, or --out_dir=data/other --seed=7 for another data set."""
+    cfg = options.parse(BLOCK, argv)
+    if not (cfg.figure or cfg.out_dir):
+        raise DataError("give --figure=PATH (the README figure) or --out_dir=FOLDER (a data set)")
+    if cfg.figure:
+        make_folder(os.path.dirname(os.path.abspath(cfg.figure)))
+        figures.plot_phantom(cfg.figure, figure_slices(cfg.seed))
+        print(f"wrote {cfg.figure}")
+    if cfg.out_dir:
+        sizes = dict(train=cfg.n_train, validate=cfg.n_validate, test=cfg.n_test)
+        write_phantom(cfg.out_dir, sizes, cfg.seed, progress=True)
+        print(f"wrote {sum(sizes.values())} slices and their labels to {cfg.out_dir}")
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--figure", default="assets/phantom.png", help="where to write the demo figure")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
-    os.makedirs(os.path.dirname(os.path.abspath(args.figure)), exist_ok=True)
-    figure(args.figure, args.seed)
-    print(f"wrote {args.figure}")
+    run_script(main)

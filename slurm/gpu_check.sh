@@ -19,7 +19,7 @@ mkdir -p "$OUT"
 exec > >(tee "$OUT/log.txt") 2>&1
 python -c "import torch; print('torch', torch.__version__, '| cuda', torch.cuda.is_available(), '|',
            torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU: timings are the CPU')"
-python -c "import dataset; dataset.ensure_demo(dataset.STUDY_ROOT, dataset.STUDY_SIZES)"
+python -c "import phantom; phantom.ensure_demo(phantom.STUDY_ROOT, phantom.STUDY_SIZES)"
 for args in "" "--compile=True" "--batch_size=8" "--batch_size=8 --compile=True"; do
     echo; echo "== python bench.py $args"
     python bench.py $args --steps="$STEPS" --sample_n=0
@@ -28,10 +28,10 @@ echo; echo "== python train.py --data_dir=data/study --time_limit_minutes=$MINUT
 python train.py --data_dir=data/study --time_limit_minutes="$MINUTES" --out_dir="$OUT/train"
 python - "$OUT/train" <<'EOF'
 import csv, json, math, sys
-import torch
+import checkpoints
 run = sys.argv[1]
 rows = list(csv.DictReader(open(f"{run}/metrics.csv")))
-cfg = torch.load(f"{run}/best_model.pt", weights_only=True, map_location="cpu")["config"]
+cfg = checkpoints.load(f"{run}/best_model.pt", "vqvae")["config"]
 n_train = len(json.load(open(f"{run}/splits.json"))["train"])
 per_epoch = math.ceil(n_train / cfg["batch_size"])
 steps, secs = int(rows[-1]["steps"]), sum(float(r["seconds"]) for r in rows)

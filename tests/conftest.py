@@ -1,6 +1,10 @@
+import contextlib
+import importlib
+import io
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -10,15 +14,37 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from phantom import phantom_slice  # noqa: E402
+from utils import DataError  # noqa: E402
 
 TINY = ["--n_hiddens=16", "--n_residual_hiddens=8", "--n_residual_layers=1", "--embedding_dim=8",
         "--n_embeddings=32", "--batch_size=4", "--eval_batch_size=16", "--warmup_steps=2", "--cache_dir=None"]
+TINY_PRIOR = ["--stage=prior", "--prior_d_model=16", "--prior_n_layers=1", "--prior_n_heads=2",
+              "--prior_batch_size=4", "--prior_warmup_steps=2", "--cache_dir=None"]
 
 
 def run(script, *args, cwd):
-    """One of the repo's scripts as a user runs it, in folder cwd."""
+    """One of the repo's scripts as a user runs it, in folder cwd, but in this process (a new Python would spend
+    seconds importing torch): its main() as its entry point calls it, a DataError becoming the one `error:` line
+    on stderr and exit status 1. Returns what subprocess.run would: returncode, stdout, stderr."""
+    module = importlib.import_module(script.removesuffix(".py"))
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    here = os.getcwd()
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            module.main(list(args))
+    except DataError as e:
+        err.write(f"error: {e}\n")
+        code = 1
+    finally:
+        os.chdir(here)
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def run_process(script, *args, cwd, **kw):
+    """A script in a new Python process, for what only a process shows (exit status, signals, torchrun)."""
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, **kw)
 
 
 def write_slice(path, data, affine=None):
@@ -56,3 +82,22 @@ def make_study(root, cases=None, per_case=3, seed=0, seg=False):
 @pytest.fixture
 def study(tmp_path):
     return make_study(tmp_path / "keras_slices_data")
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """One finished two-epoch VQ-VAE run on a study with labels and a blank test slice, and a one-epoch prior on
+    it: shared by every test that only reads them (copy a run folder before changing it)."""
+    tmp = tmp_path_factory.mktemp("trained")
+    root = make_study(tmp / "d", per_case=4, seg=True,
+                      cases={"train": [4, 5, 6, 7], "validate": [36, 37], "test": [40]})
+    blank = os.path.join(root, "keras_slices_test", "case_040_week_0_slice_9.nii.gz")
+    write_slice(blank, np.zeros((256, 128), np.int16))  # scanner padding: skipped, listed, never fatal
+    write_slice(blank.replace("keras_slices_test", "keras_slices_seg_test").replace("case_", "seg_"),
+                np.zeros((256, 128), np.uint8))
+    out, prior = tmp / "runs" / "vq", tmp / "runs" / "prior"
+    vq = run("train.py", f"--data_dir={root}", f"--out_dir={out}", "--n_epochs=2", *TINY, cwd=tmp)
+    assert vq.returncode == 0, vq.stderr
+    pr = run("train.py", *TINY_PRIOR, f"--out_dir={prior}", "--prior_n_epochs=1", cwd=tmp)  # the newest VQ-VAE
+    assert pr.returncode == 0, pr.stderr
+    return SimpleNamespace(tmp=tmp, root=root, out=out, prior=prior, blank=blank, vq_log=vq, prior_log=pr)

@@ -1,7 +1,9 @@
-"""Cluster behaviour on the CPU: torchrun with gloo, SIGKILL then resume, determinism, a NaN stop."""
+"""Cluster behaviour on the CPU: torchrun with gloo, SIGKILL then resume, SIGTERM then resume, determinism, a NaN
+stop."""
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,11 +11,16 @@ import time
 
 import torch
 
+import train
 from conftest import ROOT, TINY, make_study, run
 
 
 def epochs(out):
     return [int(r["epoch"]) for r in csv.DictReader(open(out / "metrics.csv"))]
+
+
+def strip_seconds(out):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(open(out / "metrics.csv"))]
 
 
 def test_torchrun_two_processes_agree_and_write_once(tmp_path):
@@ -46,7 +53,7 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
     p.wait()
     done = len(epochs(out))
     assert done < 12
-    r = subprocess.run(args + ["--resume=True"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    r = run("train.py", *args[2:], "--resume=True", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resuming {out} at epoch {done} step 0" in r.stdout  # at most the killed epoch is repeated
     assert epochs(out) == list(range(12))
@@ -54,49 +61,51 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
     assert ckpt["epoch"] in range(12) and (out / "test_metrics.json").exists()
 
 
-def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path):
-    root = make_study(tmp_path / "d", per_case=6)
-    base = [f"--data_dir={root}", "--n_epochs=2", *TINY, "--batch_size=2"]
+def sigterm_at_step(monkeypatch, step):
+    """SIGTERM to this process after the given training step, as a scheduler sends it before the wall time."""
+    check = train.StopRule.check
+
+    def check_then_signal(self, global_step):
+        if global_step == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return check(self, global_step)
+    monkeypatch.setattr(train.StopRule, "check", check_then_signal)
+
+
+def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
+    root = make_study(tmp_path / "d", per_case=3)
+    base = [f"--data_dir={root}", "--n_epochs=2", *TINY, "--batch_size=2"]  # 6 steps per epoch
     r = run("train.py", *base, f"--out_dir={tmp_path / 'full'}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "cut"
-    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *base, f"--out_dir={out}"], cwd=tmp_path,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not (out / "metrics.csv").exists():
-        assert time.time() < deadline and p.poll() is None
-        time.sleep(0.02)
-    p.send_signal(signal.SIGTERM)
-    stdout, _ = p.communicate(timeout=300)
-    assert p.returncode == 0 and "SIGTERM: saved" in stdout
+    with monkeypatch.context() as m:
+        sigterm_at_step(m, 8)  # inside the second epoch
+        r = run("train.py", *base, f"--out_dir={out}", cwd=tmp_path)
+    assert r.returncode == 0 and "SIGTERM: saved" in r.stdout and "epoch 1 step 2" in r.stdout, r.stdout
+    assert not (out / "test_metrics.json").exists() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     r = run("train.py", *base, f"--out_dir={out}", "--resume=True", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    strip = lambda d: [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(open(d / "metrics.csv"))]
-    assert strip(out) == strip(tmp_path / "full")  # resumed exactly where it stopped
-    assert json.load(open(out / "test_metrics.json"))["ssim"] == json.load(open(tmp_path / "full" / "test_metrics.json"))["ssim"]
+    assert strip_seconds(out) == strip_seconds(tmp_path / "full")  # resumed exactly where it stopped
+    test = [json.load(open(d / "test_metrics.json"))["ssim"] for d in (out, tmp_path / "full")]
+    assert test[0] == test[1]
 
 
 def test_same_seed_same_metrics(tmp_path):
-    root = make_study(tmp_path / "d", per_case=3)
-    rows = []
+    root = make_study(tmp_path / "d", per_case=2)
     for name in ("a", "b"):
         r = run("train.py", f"--data_dir={root}", f"--out_dir={tmp_path / name}", "--n_epochs=2", *TINY, cwd=tmp_path)
         assert r.returncode == 0, r.stderr[-3000:]
-        rows.append([{k: v for k, v in row.items() if k != "seconds"}
-                     for row in csv.DictReader(open(tmp_path / name / "metrics.csv"))])
-    assert rows[0] == rows[1] and len(rows[0]) == 2
+    assert strip_seconds(tmp_path / "a") == strip_seconds(tmp_path / "b") and len(strip_seconds(tmp_path / "a")) == 2
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    root = make_study(tmp_path / "d", per_case=3)
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(trained, tmp_path):
     out = tmp_path / "run"
-    args = [f"--data_dir={root}", f"--out_dir={out}", *TINY]
-    r = run("train.py", *args, "--n_epochs=1", cwd=tmp_path)
-    assert r.returncode == 0
+    shutil.copytree(trained.out, out)
     before = (out / "best_model.pt").read_bytes()
     state = torch.load(out / "last.pt", weights_only=True)
     state["model"]["decoder.net.up2.weight"].fill_(1e30)  # the next epoch's loss overflows to Inf/NaN
     torch.save(state, out / "last.pt")
-    r = run("train.py", *args, "--n_epochs=3", "--resume=True", cwd=tmp_path)
+    r = run("train.py", f"--data_dir={trained.root}", f"--out_dir={out}", *TINY, "--n_epochs=3", "--resume=True",
+            cwd=tmp_path)
     assert r.returncode != 0 and "training loss became" in r.stdout + r.stderr, r.stdout + r.stderr
-    assert (out / "best_model.pt").read_bytes() == before and epochs(out) == [0]
+    assert (out / "best_model.pt").read_bytes() == before and epochs(out) == [0, 1]

@@ -140,7 +140,7 @@ def test_phantom_is_deterministic_and_varied():
 
 
 def test_grid_plot(tmp_path, study):
-    from utils import plot_grid
+    from figures import plot_grid
     p = dataset.prepare(dataset.find_splits(study)["test"])
     plot_grid(p["x"], tmp_path / "s.png", titles=["a", "b", "c"])
     assert (tmp_path / "s.png").stat().st_size > 1000

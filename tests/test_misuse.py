@@ -1,22 +1,22 @@
 """Ordinary mistakes, as a user or a job array makes them: no run overwrites another, resume checks what it
 continues, and each mistake is one `error:` line with exit status 1, never a traceback."""
 import csv
+import multiprocessing
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import dataset
+import job
 import train
-from conftest import ROOT, TINY, make_study, run
-from utils import DataError, atomic_torch_save
+from conftest import TINY, TINY_PRIOR, make_study, run, run_process
+from utils import DataError
 
 
 def one_error_line(r, *says):
-    """The process failed with exactly one line on stderr, an `error:` line holding each of `says`."""
+    """The script failed with exactly one line on stderr, an `error:` line holding each of `says`."""
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-2000:]
     assert "Traceback" not in r.stderr and "weights_only=False" not in r.stderr
@@ -29,46 +29,32 @@ class Foreign:
     """Pickled as a reference to this class: weights_only loading refuses it."""
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A finished one-epoch VQ-VAE run and a one-epoch prior on it, shared by the tests that only read them."""
-    tmp = tmp_path_factory.mktemp("trained")
-    root = make_study(tmp / "d", per_case=2)
-    out = tmp / "runs" / "vq"
-    r = run("train.py", f"--data_dir={root}", f"--out_dir={out}", "--n_epochs=1", *TINY, cwd=tmp)
-    assert r.returncode == 0, r.stderr[-3000:]
-    prior = tmp / "runs" / "prior"
-    r = run("train.py", "--stage=prior", f"--vqvae_checkpoint={out / 'best_model.pt'}", f"--out_dir={prior}",
-            "--prior_d_model=16", "--prior_n_layers=1", "--prior_n_heads=2", "--prior_n_epochs=1", "--prior_batch_size=4",
-            "--prior_warmup_steps=2", "--cache_dir=None", cwd=tmp)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return dict(tmp=tmp, root=root, out=out, prior=prior)
+def claim(folder):
+    os.chdir(folder)
+    job.time.strftime = lambda fmt: "20260101-120000"  # every process in the same second
+    return job.claim_folder(None)
 
 
 def test_runs_started_together_get_their_own_folders(tmp_path):
-    root = make_study(tmp_path / "d", per_case=1)
-    args = [sys.executable, os.path.join(ROOT, "train.py"), f"--data_dir={root}", "--n_epochs=1", *TINY]
-    procs = [subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
-    for p in procs:
-        assert p.wait(timeout=600) == 0, p.stderr.read()[-2000:]
-    folders = sorted(os.listdir(tmp_path / "runs"))
-    assert len(folders) == 2 and all((tmp_path / "runs" / f / "best_model.pt").exists() for f in folders)
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        names = pool.map(claim, [str(tmp_path)] * 4)
+    assert sorted(names) == [os.path.join("runs", "20260101-120000" + s) for s in ("", "-2", "-3", "-4")]
+    assert sorted(os.listdir(tmp_path / "runs")) == sorted(os.path.basename(n) for n in names)
 
 
 def test_folder_names_are_claimed_atomically_within_one_second(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(train.time, "strftime", lambda fmt: "20260101-120000")
-    names = [train.claim_folder(None) for _ in range(3)]
+    monkeypatch.setattr(job.time, "strftime", lambda fmt: "20260101-120000")
+    names = [job.claim_folder(None) for _ in range(3)]
     assert names == [os.path.join("runs", "20260101-120000" + s) for s in ("", "-2", "-3")]
 
 
 def test_out_dir_holding_a_run_is_refused(trained):
-    before = (trained["out"] / "best_model.pt").read_bytes()
-    r = run("train.py", f"--data_dir={trained['root']}", f"--out_dir={trained['out']}", "--n_epochs=1", *TINY,
-            cwd=trained["tmp"])
-    one_error_line(r, f"--out_dir={trained['out']}", "already holds a run", "--resume=True")
-    assert (trained["out"] / "best_model.pt").read_bytes() == before
+    before = (trained.out / "best_model.pt").read_bytes()
+    r = run("train.py", f"--data_dir={trained.root}", f"--out_dir={trained.out}", "--n_epochs=1", *TINY,
+            cwd=trained.tmp)
+    one_error_line(r, f"--out_dir={trained.out}", "already holds a run", "--resume=True")
+    assert (trained.out / "best_model.pt").read_bytes() == before
 
 
 def test_out_dir_that_is_a_file_is_refused(tmp_path):
@@ -82,18 +68,18 @@ def test_out_dir_that_is_a_file_is_refused(tmp_path):
     (["--n_hiddens=32"], ["n_hiddens=16 there, 32 here"]),
     (["--data_dir=OTHER"], ["data_dir=", "'OTHER' here"]),
     (["--beta=0.5", "--learning_rate=0.1"],
-     ["beta=0.25 there", f"learning_rate={train.learning_rate} there, 0.1 here"]),
+     ["beta=0.25 there", f"learning_rate={train.BLOCK['learning_rate'].default} there, 0.1 here"]),
 ])
 def test_resume_refuses_other_settings_naming_each(trained, change, says):
-    base = [f"--data_dir={trained['root']}", f"--out_dir={trained['out']}", "--n_epochs=2", *TINY, "--resume=True"]
-    rows = (trained["out"] / "metrics.csv").read_text()
-    r = run("train.py", *base, *change, cwd=trained["tmp"])
+    base = [f"--data_dir={trained.root}", f"--out_dir={trained.out}", "--n_epochs=3", *TINY, "--resume=True"]
+    rows = (trained.out / "metrics.csv").read_text()
+    r = run("train.py", *base, *change, cwd=trained.tmp)
     one_error_line(r, "will not continue", *says)
-    assert (trained["out"] / "metrics.csv").read_text() == rows
+    assert (trained.out / "metrics.csv").read_text() == rows
 
 
 def test_resume_refuses_changed_files_of_the_same_folder(tmp_path):
-    root = make_study(tmp_path / "d", per_case=2)
+    root = make_study(tmp_path / "d", per_case=1, cases={"train": [4, 5], "validate": [36]})
     out = tmp_path / "run"
     base = [f"--data_dir={root}", f"--out_dir={out}", *TINY]
     assert run("train.py", *base, "--n_epochs=1", cwd=tmp_path).returncode == 0
@@ -103,10 +89,10 @@ def test_resume_refuses_changed_files_of_the_same_folder(tmp_path):
 
 
 def test_resume_true_without_out_dir_continues_only_a_matching_run(trained):
-    tmp = trained["tmp"]
-    r = run("train.py", f"--data_dir={trained['root']}", "--n_epochs=1", *TINY, "--beta=0.3", "--resume=True", cwd=tmp)
-    one_error_line(r, "will not continue", "beta=0.25 there, 0.3 here")  # the newest last.pt is the prior's or vq's
-    r = run("train.py", "--stage=prior", "--resume=True", "--prior_n_epochs=1", cwd=tmp)
+    r = run("train.py", f"--data_dir={trained.root}", "--n_epochs=3", *TINY, "--beta=0.3", "--resume=True",
+            cwd=trained.tmp)
+    one_error_line(r, "will not continue runs/vq", "beta=0.25 there, 0.3 here")  # the newest VQ-VAE run
+    r = run("train.py", "--stage=prior", "--resume=True", "--prior_n_epochs=2", cwd=trained.tmp)
     one_error_line(r, "will not continue runs/prior", "prior_d_model=16 there, 64 here")
 
 
@@ -121,7 +107,8 @@ def test_every_pair_of_splits_is_patient_disjoint(tmp_path):
     ("--learning_rate=-0.001", "--learning_rate=-0.001 must be positive"),
     ("--time_limit_minutes=-1", "--time_limit_minutes=-1.0 must be positive"),
     ("--ema_decay=1.5", "--ema_decay=1.5 must be at least 0 and below 1"), ("--stage=gan", "vqvae or prior"),
-    ("--np=3", "unknown option --np"),
+    ("--np=3", "unknown option --np"), ("--prior_global_layers=5", "must be 0 to --prior_n_layers=4"),
+    ("--prior_d_model=30", "must be a multiple of --prior_n_heads=4"),
 ])
 def test_out_of_range_settings_stop_before_any_data_is_read(tmp_path, arg, says):
     r = run("train.py", "--data_dir=/nonexistent", arg, cwd=tmp_path)
@@ -130,10 +117,15 @@ def test_out_of_range_settings_stop_before_any_data_is_read(tmp_path, arg, says)
 
 
 def test_unknown_option_lists_only_the_block(tmp_path):
-    for script, name in (("predict.py", "checkpoint"), ("sample.py", "temperature"), ("train.py", "n_hiddens")):
+    for script, name in (("predict.py", "checkpoint"), ("sample.py", "temperature"), ("train.py", "n_hiddens"),
+                         ("bench.py", "steps")):
         line = one_error_line(run(script, "--np=3", cwd=tmp_path), "unknown option --np")
         known = line.split("known: ")[1].split(", ")
-        assert name in known and not {"np", "csv", "torch", "main", "TYPES", "config_keys"} & set(known)
+        assert name in known and not {"np", "csv", "torch", "main", "BLOCK", "Option"} & set(known)
+
+
+def test_an_error_is_one_line_and_exit_status_1_from_the_shell(tmp_path):
+    one_error_line(run_process("train.py", "--n_epochs=0", cwd=tmp_path), "--n_epochs=0 must be at least 1")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -141,20 +133,24 @@ def test_cuda_device_without_cuda(tmp_path):
     one_error_line(run("train.py", "--device=cuda", "--n_epochs=1", cwd=tmp_path), "--device=cuda", "not available")
 
 
-def test_wrong_truncated_and_foreign_checkpoints(trained, tmp_path):
-    tmp, vq, prior = trained["tmp"], trained["out"], trained["prior"]
+def test_wrong_truncated_foreign_and_old_checkpoints(trained, tmp_path):
+    tmp, vq, prior = trained.tmp, trained.out, trained.prior
     good = (vq / "best_model.pt").read_bytes()
     (tmp_path / "truncated.pt").write_bytes(good[:len(good) // 2])
     (tmp_path / "random.pt").write_bytes(os.urandom(4096))
     torch.save({"model": Foreign()}, tmp_path / "foreign.pt")
+    old = torch.load(vq / "best_model.pt", weights_only=True)
+    del old["kind"], old["format"]  # as the project's earlier versions wrote it
+    torch.save(old, tmp_path / "old.pt")
     for path, says in ((prior / "best_prior.pt", "a prior (best_prior.pt); expected a VQ-VAE"),
                        (vq / "last.pt", "a training state (last.pt)"), (tmp_path / "truncated.pt", "truncated"),
                        (tmp_path / "random.pt", "not a torch checkpoint"), (tmp_path / "foreign.pt", "refused"),
-                       (tmp_path / "missing.pt", "checkpoint not found")):
+                       (tmp_path / "missing.pt", "checkpoint not found"),
+                       (tmp_path / "old.pt", "not a checkpoint of this version of the project")):
         one_error_line(run("predict.py", f"--checkpoint={path}", cwd=tmp), str(path), says)
     one_error_line(run("sample.py", f"--prior_checkpoint={vq / 'best_model.pt'}", cwd=tmp),
                    "a VQ-VAE (best_model.pt); expected a prior")
-    one_error_line(run("train.py", "--stage=prior", f"--vqvae_checkpoint={prior / 'best_prior.pt'}",
+    one_error_line(run("train.py", *TINY_PRIOR, f"--vqvae_checkpoint={prior / 'best_prior.pt'}",
                        f"--out_dir={tmp_path / 'p'}", cwd=tmp), "expected a VQ-VAE")
 
 
@@ -171,13 +167,13 @@ def test_corrupt_cache_is_rebuilt_saying_so(study, tmp_path, capsys):
 
 def test_run_killed_before_its_best_checkpoint_resumes(trained, tmp_path):
     out = tmp_path / "run"
-    shutil.copytree(trained["out"], out)
+    shutil.copytree(trained.out, out)
     os.remove(out / "best_model.pt")  # last.pt is written first: a kill can only leave this state, never the reverse
-    r = run("train.py", f"--data_dir={trained['root']}", f"--out_dir={out}", "--n_epochs=2", *TINY, "--resume=True",
+    r = run("train.py", f"--data_dir={trained.root}", f"--out_dir={out}", "--n_epochs=3", *TINY, "--resume=True",
             cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert torch.load(out / "best_model.pt", weights_only=True)["epoch"] == 1
-    assert [row["epoch"] for row in csv.DictReader(open(out / "metrics.csv"))] == ["0", "1"]
+    assert torch.load(out / "best_model.pt", weights_only=True)["epoch"] == 2
+    assert [row["epoch"] for row in csv.DictReader(open(out / "metrics.csv"))] == ["0", "1", "2"]
 
 
 def test_folder_of_a_run_killed_in_its_first_epoch_can_be_reused(tmp_path):
@@ -188,14 +184,3 @@ def test_folder_of_a_run_killed_in_its_first_epoch_can_be_reused(tmp_path):
     r = run("train.py", f"--data_dir={root}", f"--out_dir={out}", "--n_epochs=1", *TINY, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "no test split" in r.stdout and "the test is skipped" in r.stdout
-
-
-def test_resume_compares_a_setting_the_run_predates_as_what_it_was_trained_with(tmp_path):
-    config = dict({k: getattr(train, k) for k in train.config_keys}, resume=True)
-    old = {k: v for k, v in config.items() if k not in train.IMPLIED}  # saved before these names existed
-    run_ = train.Run(False, 0, 1, torch.device("cpu"), None)
-    run_.out = str(tmp_path)
-    atomic_torch_save(dict(config=old, stage="vqvae"), tmp_path / "last.pt")
-    with pytest.raises(DataError, match="prior_scan='raster' there, 'centre_out' here"):
-        train.load_resume_state(run_, config)
-    assert train.load_resume_state(run_, dict(config, prior_scan="raster"))["stage"] == "vqvae"

@@ -10,7 +10,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from phantom import LABELS, _plan, phantom_slice, scan_end_kind, write_phantom  # noqa: E402
+from dataset import LABELS  # noqa: E402
+from phantom import _plan, phantom_slice, scan_end_kind, write_phantom  # noqa: E402
 
 BODY, BONE, BLADDER, RECTUM, PROSTATE = 1, 2, 3, 4, 5
 
@@ -113,3 +114,39 @@ def test_end_slices_render():
     for v in [v for v in plan if scan_end_kind(0, *v) == 1][:4]:
         img, lab = phantom_slice(*v, labels=True, scan_ends=True)
         assert img.std() > 0 and np.mean(lab > 0) < 0.15    # noise, or a sliver of body
+
+
+# (case, week, slice, n_slices, width, seed): prostate, bladder, rectum, seminal vesicles and bowel loops from caudal to
+# cranial, both widths, seeds 0 and 1, then the ends of one 60-slice scan: a sliver of body, noise only, all zero
+PINNED_SLICES = ((5, 0, 3, 20, 128, 0), (9, 1, 6, 20, 144, 0), (17, 2, 10, 20, 128, 1), (23, 0, 14, 20, 144, 1),
+                 (30, 3, 18, 20, 128, 0), (38, 1, 30, 60, 144, 1), (41, 0, 5, 10, 128, 1),
+                 (4, 0, 58, 60, 144, 0), (4, 0, 0, 60, 128, 0), (4, 0, 59, 60, 128, 0))
+# each slice's image sum, sum of squares and sum weighted by a fixed ramp, and its pixel count per label, recorded
+# from phantom.py before its drawing code was split into functions (where every image and label array was checked
+# bit for bit); the sums allow for a CPU whose float32 exp or sin rounds the last bit differently
+PINNED = [
+    (5689964.861460477, 2236859424.6375365, 45472491.753523946, [13021, 16505, 2646, 0, 318, 278]),
+    (6824520.88605696, 3567697970.4906015, 54634031.11907102, [20204, 12523, 3131, 0, 188, 818]),
+    (11213818.24911356, 8333679579.103497, 89810143.812101, [10501, 18139, 2154, 1547, 427, 0]),
+    (9812721.848802745, 6017329193.680269, 78509574.97339472, [14664, 17869, 2089, 1690, 552, 0]),
+    (8913865.954387456, 6047514386.26195, 71398149.4415158, [14091, 14531, 2075, 1714, 357, 0]),
+    (9941161.159937859, 6758573364.368828, 79582195.43374926, [17902, 15818, 2236, 682, 226, 0]),
+    (8118127.288575612, 4214434227.028763, 64936693.52866199, [10858, 17835, 2526, 959, 590, 0]),
+    (1381327.9431740344, 209035679.5489453, 11093890.088613898, [36259, 605, 0, 0, 0, 0]),
+    (914556.7921788692, 32445292.507836707, 7311875.803941205, [32768, 0, 0, 0, 0, 0]),
+    (0.0, 0.0, 0.0, [32768, 0, 0, 0, 0, 0]),
+]
+
+
+def test_output_stays_the_same_for_a_seed():
+    organs = set()
+    for (case, week, k, n, width, seed), (total, squares, ramped, counts) in zip(PINNED_SLICES, PINNED):
+        img, lab = phantom_slice(case, week, k, n, width=width, seed=seed, labels=True, scan_ends=True)
+        assert img.shape == lab.shape == (256, width) and img.dtype == np.float64 and lab.dtype == np.uint8
+        ramp = np.add.outer(np.arange(256), 3 * np.arange(width)) % 17
+        assert np.allclose([img.sum(), (img * img).sum(), (img * ramp).sum()], [total, squares, ramped], rtol=1e-6,
+                           atol=0), (case, week, k)
+        assert np.abs(np.bincount(lab.ravel(), minlength=6) - counts).max() <= 3, (case, week, k)
+        organs |= set(np.unique(lab).tolist())
+    assert organs == set(range(len(LABELS)))
+    assert [scan_end_kind(seed, c, w, k, n) for c, w, k, n, _, seed in PINNED_SLICES[-3:]] == [1, 1, 2]

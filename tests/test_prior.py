@@ -6,16 +6,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from metrics import entropy
 from modules import CodePrior, local_causal_attention, scan_rows
-from utils import entropy
 
 N_CODES = 8
 GRID = (4, 4)
 
 
-def tiny_prior(seed=0, double=False, window=0, **kw):
+def grid_logits(model, codes):
+    """codes (B, h, w) -> (B, h, w, n_codes): at each grid position, the prediction of its code from the codes read
+    before it."""
+    return model.to_grid(model.logits(model.to_sequence(codes)))
+
+
+def tiny_prior(seed=0, double=False, window=0, scan="raster", **kw):
     torch.manual_seed(seed)
-    model = CodePrior(N_CODES, grid=GRID, d_model=32, n_layers=2, n_heads=2, window=window, **kw)
+    model = CodePrior(N_CODES, grid=GRID, d_model=32, n_layers=2, n_heads=2, window=window, scan=scan, **kw)
     return model.double() if double else model
 
 
@@ -162,10 +168,10 @@ def test_sample_is_in_spatial_layout(scan):
                 p.normal_(0, 1)
         grids = model.sample(2, top_k=1, generator=torch.Generator().manual_seed(0))
         assert grids.shape == (2, *GRID) and len(grids.unique()) > 3
-        assert torch.equal(model.grid_logits(grids).argmax(-1), grids)
+        assert torch.equal(grid_logits(model, grids).argmax(-1), grids)
         if scan == "centre_out":
             in_reading_order = model.to_sequence(grids).reshape(2, *GRID)
-            assert not torch.equal(model.grid_logits(in_reading_order).argmax(-1), in_reading_order)
+            assert not torch.equal(grid_logits(model, in_reading_order).argmax(-1), in_reading_order)
 
 
 def test_centre_out_reads_the_middle_rows_first():
@@ -173,15 +179,15 @@ def test_centre_out_reads_the_middle_rows_first():
     # before it) but does change row 3's; one on row 1 changes the predictions on all later rows
     model = tiny_prior(seed=9, double=True, window=0, scan="centre_out").eval()
     codes = torch.randint(0, N_CODES, (2, *GRID), generator=torch.Generator().manual_seed(1))
-    base = model.grid_logits(codes)
+    base = grid_logits(model, codes)
     changed = codes.clone()
     changed[:, 0, 3] = (changed[:, 0, 3] + 1) % N_CODES
-    out = model.grid_logits(changed)
+    out = grid_logits(model, changed)
     assert torch.equal(out[:, 1:3], base[:, 1:3]) and torch.equal(out[:, 0, :], base[:, 0, :])
     assert not torch.allclose(out[:, 3], base[:, 3])
     changed = codes.clone()
     changed[:, 1, 3] = (changed[:, 1, 3] + 1) % N_CODES
-    out = model.grid_logits(changed)
+    out = grid_logits(model, changed)
     assert torch.equal(out[:, 1, :], base[:, 1, :])
     for r in (2, 0, 3):
         assert not torch.allclose(out[:, r], base[:, r])
@@ -197,7 +203,7 @@ def test_positions_embed_their_spatial_row_and_column():
         raster.above_emb.weight.zero_()
         centre.load_state_dict(raster.state_dict())
         codes = torch.randint(0, N_CODES, (2, *GRID), generator=torch.Generator().manual_seed(3))
-        assert torch.allclose(centre.grid_logits(codes), raster.grid_logits(codes), atol=1e-12)
+        assert torch.allclose(grid_logits(centre, codes), grid_logits(raster, codes), atol=1e-12)
         assert not torch.allclose(centre.logits(codes.reshape(2, -1)), raster.logits(codes.reshape(2, -1)))
 
 
@@ -266,63 +272,30 @@ def test_entropy_and_cross_entropy():
     assert entropy(counts) == pytest.approx(float(-(p * p.log()).sum()))
 
 
-def test_old_model_args_build_the_old_model():
-    # model_args of checkpoints written before scan / n_global_layers: the same parameters, drawn from the same
-    # seed, and the same outputs as the model of that time (values recorded from it)
-    torch.manual_seed(0)
-    model = CodePrior(8, grid=(4, 4), d_model=32, n_layers=2, n_heads=2, window=3).double().eval()
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    assert list(shapes)[:4] == ["tok_emb.weight", "above_emb.weight", "row_emb.weight", "col_emb.weight"]
-    assert list(shapes)[-4:] == ["ln_f.weight", "ln_f.bias", "head.weight", "head.bias"]
-    assert len(shapes) == 8 + 2 * 12 and shapes["above_emb.weight"] == (27, 32)
-    assert model.scan == "raster" and not model.mirror_input and [b.attn.window for b in model.blocks] == [3, 3]
-    idx = (torch.arange(32) * 5 % 8).reshape(2, 4, 4)
-    with torch.no_grad():
-        logits = model.logits(idx.reshape(2, -1))
-        assert model(idx).item() == pytest.approx(2.098651170730591, abs=1e-6)
-        assert (logits * torch.arange(1, 9, dtype=torch.float64)).sum().item() == pytest.approx(28.695529666779457,
-                                                                                              abs=1e-9)
-        assert logits[1, 15, 2].item() == pytest.approx(0.24049171743078201, abs=1e-12)
-        assert torch.equal(model.grid_logits(idx), logits.reshape(2, 4, 4, 8))
-    torch.manual_seed(0)
-    explicit = CodePrior(8, grid=(4, 4), d_model=32, n_layers=2, n_heads=2, window=3, n_global_layers=0,
-                         scan="raster", mirror_input=False).double().eval()
-    assert all(torch.equal(a, b) for a, b in zip(explicit.state_dict().values(), model.state_dict().values()))
-    assert list(explicit.state_dict()) == list(shapes)
-
-
-@pytest.mark.parametrize("new", [{}, dict(scan="centre_out", n_global_layers=1, window=3)])
+@pytest.mark.parametrize("new", [dict(scan="raster"), dict(scan="centre_out", n_global_layers=1, window=3)])
 def test_prior_checkpoint_round_trip(tmp_path, new):
-    from modules import load_model
-    from utils import atomic_torch_save
+    import checkpoints
     args = dict(n_codes=N_CODES, grid=GRID, d_model=32, n_layers=2, n_heads=2, dropout=0.0, **new)
     model = tiny_prior(**new)
-    atomic_torch_save(dict(kind="prior", model=model.state_dict(), model_args=args), tmp_path / "p.pt")
-    loaded, ckpt = load_model(tmp_path / "p.pt")
+    checkpoints.save(tmp_path / "p.pt", "prior", model=model.state_dict(), model_args=args, config={}, epoch=0,
+                     val_bits_per_code=1.0, score=-1.0, unigram_bits_per_code=2.0, vqvae_checkpoint="")
+    loaded, ckpt = checkpoints.load_model(tmp_path / "p.pt", kind="prior")
     codes = torch.randint(0, N_CODES, (2, *GRID))
     assert isinstance(loaded, CodePrior) and torch.equal(loaded(codes), model.eval()(codes))
 
 
-def test_train_prior_then_sample_end_to_end(tmp_path):
+def test_train_prior_then_sample_end_to_end(trained, tmp_path):
     import csv
     import json
 
-    from conftest import TINY, make_study, run
-    cases = {"train": [4, 5, 6, 7], "validate": [36, 37], "test": [40]}
-    root = make_study(tmp_path / "d", cases=cases, per_case=3)
-    r = run("train.py", f"--data_dir={root}", f"--out_dir={tmp_path / 'runs' / 'vq'}", "--n_epochs=1", *TINY,
-            cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    prior = ["--stage=prior", f"--out_dir={tmp_path / 'runs' / 'prior'}", "--prior_d_model=16", "--prior_n_layers=1",
-             "--prior_n_heads=2", "--prior_n_epochs=2", "--prior_batch_size=4", "--prior_warmup_steps=2", "--cache_dir=None"]
-    r = run("train.py", *prior, cwd=tmp_path)  # finds the newest VQ-VAE under ./runs
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = list(csv.DictReader(open(tmp_path / "runs" / "prior" / "metrics.csv")))
-    assert len(rows) == 2 and float(rows[-1]["val_bits_per_code"]) > 0
-    assert (tmp_path / "runs" / "prior" / "best_prior.pt").exists() and (tmp_path / "runs" / "prior" / "bits.png").exists()
+    from conftest import run
+    assert "codes (16, 64, 32)" in trained.prior_log.stdout  # the newest VQ-VAE under ./runs, its own splits
+    rows = list(csv.DictReader(open(trained.prior / "metrics.csv")))
+    assert len(rows) == 1 and float(rows[-1]["val_bits_per_code"]) > 0
+    assert (trained.prior / "best_prior.pt").exists() and (trained.prior / "bits.png").exists()
     out = tmp_path / "samples"
     r = run("sample.py", "--n_samples=3", "--top_k=5", "--temperature=0.9", f"--out_dir={out}", "--n_reference=4",
-            cwd=tmp_path)
+            cwd=trained.tmp)
     assert r.returncode == 0, r.stderr[-3000:]
     nov = json.load(open(out / "novelty.json"))
     assert nov["samples_to_nearest_train_ssim"]["n"] == 3 and nov["validation_to_nearest_train_ssim"]["n"] == 4
@@ -339,5 +312,5 @@ def test_train_prior_then_sample_end_to_end(tmp_path):
     assert (out / "samples.png").exists() and (out / "samples_nearest.png").exists()
     first = nib.load(out / "nifti" / "sample_000.nii.gz").get_fdata()
     r = run("sample.py", "--n_samples=3", "--top_k=5", "--temperature=0.9", f"--out_dir={tmp_path / 'again'}",
-            "--n_reference=4", cwd=tmp_path)
+            "--n_reference=4", cwd=trained.tmp)
     assert np.array_equal(first, nib.load(tmp_path / "again" / "nifti" / "sample_000.nii.gz").get_fdata())  # seeded

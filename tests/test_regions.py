@@ -8,7 +8,9 @@ from skimage.transform import resize
 
 import dataset
 from conftest import make_study, write_slice
-from utils import MIN_REGION_PIXELS, DataError, figure_slices, read_nifti, score, score_split, split_means
+from figures import figure_slices
+from metrics import MIN_REGION_PIXELS, score, score_split, split_means
+from utils import DataError, read_nifti
 
 
 def slice_pair(seed=0):

@@ -1,4 +1,4 @@
-"""The scripts as a researcher runs them: overrides, bad input, a small train -> predict run."""
+"""The scripts as a researcher runs them: options and config files, bad input, train -> predict end to end."""
 import csv
 import json
 import os
@@ -7,28 +7,52 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+import options
 from conftest import TINY, make_study, run, write_slice
-from utils import apply_overrides, score
+from metrics import score
+from options import Option
+from utils import DataError
+
+BLOCK = dict(lr=Option(3e-4, above=0), n=Option(8, at_least=1), name=Option("x"), flag=Option(False),
+             limit=Option(None, kind=float), path=Option(None, kind=str), resume=Option(False, kind=(bool, str)),
+             cache=Option("c", nullable=True))
 
 
-def test_overrides_keep_types():
-    cfg = dict(lr=3e-4, n=8, name="x", flag=False, limit=None, path=None, resume=False)
-    types = {"limit": (float,), "resume": (bool, str)}
-    apply_overrides(cfg, ["--lr=1e-3", "--n=16", "--name=abc", "--flag=True", "--limit=3", "--path=/a/b",
-                          "--resume=runs/x"], types=types)
-    assert cfg == dict(lr=1e-3, n=16, name="abc", flag=True, limit=3.0, path="/a/b", resume="runs/x")
-    apply_overrides(cfg, ["--flag"], bare_true=("flag",))
-    assert cfg["flag"] is True
+def test_options_keep_types():
+    cfg = options.parse(BLOCK, ["--lr=1e-3", "--n=16", "--name=abc", "--flag=True", "--limit=3", "--path=/a/b",
+                                "--resume=runs/x", "--cache=None"])
+    assert vars(cfg) == dict(lr=1e-3, n=16, name="abc", flag=True, limit=3.0, path="/a/b", resume="runs/x", cache=None)
+    assert options.parse(BLOCK, ["--flag"]).flag is True
 
 
 @pytest.mark.parametrize("arg, says", [("--nope=1", "unknown option --nope"), ("--n=abc", "expected int"),
                                        ("--flag=3", "expected bool"), ("--limit=abc", "expected float"),
-                                       ("positional", "unexpected argument")])
-def test_overrides_refuse_bad_names_and_types(arg, says):
-    cfg = dict(n=8, flag=False, limit=None)
-    with pytest.raises(SystemExit) as e:
-        apply_overrides(cfg, [arg], types={"limit": (float,)})
-    assert says in str(e.value)
+                                       ("--n=None", "expected int"), ("--n=0", "--n=0 must be at least 1"),
+                                       ("--lr=-1", "--lr=-1.0 must be positive"),
+                                       ("positional", "unexpected argument"), ("missing.py", "config file not found")])
+def test_options_refuse_bad_names_types_and_ranges(arg, says):
+    with pytest.raises(DataError) as e:
+        options.parse(BLOCK, [arg])
+    assert says in str(e.value) and "\n" not in str(e.value)
+
+
+def test_config_files_then_overrides_in_order(tmp_path):
+    (tmp_path / "a.py").write_text("# a named run\nn = 32\nlr = 2e-3\n")
+    (tmp_path / "b.py").write_text("n = 64\n")
+    cfg = options.parse(BLOCK, [str(tmp_path / "a.py"), str(tmp_path / "b.py"), "--lr=5e-3"])
+    assert (cfg.n, cfg.lr) == (64, 5e-3)
+    assert options.parse(BLOCK, ["--n=2", str(tmp_path / "a.py")]).n == 32  # what comes later wins
+    for text, says in (("nope = 1\n", "unknown option --nope"), ("n = 0\n", "must be at least 1"),
+                       ("n = (\n", "not a config file")):
+        (tmp_path / "c.py").write_text(text)
+        with pytest.raises(DataError, match=says):
+            options.parse(BLOCK, [str(tmp_path / "c.py")])
+
+
+def test_repo_config_files_are_accepted_by_their_scripts():
+    import train
+    for name in os.listdir(os.path.join(os.path.dirname(train.__file__), "config")):
+        options.parse(train.BLOCK, [os.path.join(os.path.dirname(train.__file__), "config", name)])
 
 
 def test_train_refuses_bad_input_before_training(tmp_path):
@@ -42,20 +66,13 @@ def test_train_refuses_bad_input_before_training(tmp_path):
     assert r.returncode != 0 and "/nonexistent/keras_slices_train: folder not found" in r.stderr
 
 
-def test_train_then_predict_end_to_end(tmp_path):
-    root = make_study(tmp_path / "d", per_case=4, seg=True)
-    const = os.path.join(root, "keras_slices_test", "case_040_week_0_slice_9.nii.gz")
-    write_slice(const, np.zeros((256, 128), np.int16))  # scanner padding: skipped, listed, never fatal
-    write_slice(const.replace("keras_slices_test", "keras_slices_seg_test").replace("case_", "seg_"),
-                np.zeros((256, 128), np.uint8))
-    out = tmp_path / "runs" / "a"
-    r = run("train.py", f"--data_dir={root}", f"--out_dir={out}", "--n_epochs=2", *TINY, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
+def test_train_then_predict_end_to_end(trained):
+    out, log = trained.out, trained.vq_log
     for name in ("best_model.pt", "last.pt", "metrics.csv", "loss.png", "ssim.png", "recon_epoch0.png",
                  "recon_best.png", "splits.json", "data_samples.png", "test_metrics.json", "recon_test.png",
                  "test_per_slice.csv", "skipped.txt"):
         assert (out / name).exists(), name
-    assert const in (out / "skipped.txt").read_text() and const in r.stdout
+    assert trained.blank in (out / "skipped.txt").read_text() and trained.blank in log.stdout
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert [r["epoch"] for r in rows] == ["0", "1"] and all(0 < float(r["codebook_usage"]) <= 1 for r in rows)
     test = json.load(open(out / "test_metrics.json"))
@@ -67,10 +84,10 @@ def test_train_then_predict_end_to_end(tmp_path):
     assert len(have) == test["regions"]["prostate"]["n_slices"] and abs(np.mean(have) -
                                                                         test["regions"]["prostate"]["ssim"]) < 1e-5
     splits = json.load(open(out / "splits.json"))
-    assert len(splits["train"]) == 16 and len(splits["validate"]) == 4
+    assert len(splits["train"]) == 16 and len(splits["validate"]) == 8
 
     # predict with no checkpoint argument finds the newest run under ./runs, and its data
-    r = run("predict.py", "--save_nifti", cwd=tmp_path)
+    r = run("predict.py", "--save_nifti", cwd=trained.tmp)
     assert r.returncode == 0, r.stderr[-3000:]
     pred = out / "predict_test"
     m = json.load(open(pred / "metrics.json"))
@@ -92,29 +109,26 @@ def test_train_then_predict_end_to_end(tmp_path):
 def test_time_limit_stops_then_validates_and_tests(tmp_path):
     root = make_study(tmp_path / "d", per_case=3)
     out = tmp_path / "run"
-    r = run("train.py", f"--data_dir={root}", f"--out_dir={out}", "--n_epochs=500", "--time_limit_minutes=0.05",
+    r = run("train.py", f"--data_dir={root}", f"--out_dir={out}", "--n_epochs=500", "--time_limit_minutes=0.02",
             *TINY, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "time limit of 0.05 min reached" in r.stdout
+    assert "time limit of 0.02 min reached" in r.stdout
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert 1 <= len(rows) < 500 and json.load(open(out / "test_metrics.json"))["epochs"] == len(rows)
 
 
-def test_predict_input_any_nifti_and_3d_volumes(tmp_path):
-    root = make_study(tmp_path / "d", per_case=2)
-    ckpt = tmp_path / "run" / "best_model.pt"
-    assert run("train.py", f"--data_dir={root}", f"--out_dir={ckpt.parent}", "--n_epochs=1", *TINY,
-               cwd=tmp_path).returncode == 0
+def test_predict_input_any_nifti_and_3d_volumes(trained, tmp_path):
+    ckpt = trained.out / "best_model.pt"
     scans = tmp_path / "scans"
     scans.mkdir()
-    files = sorted((tmp_path / "d" / "keras_slices_test").iterdir())
+    files = sorted((trained.tmp / "d" / "keras_slices_test").iterdir())[:2]
     vol = np.stack([nib.load(f).get_fdata().reshape(256, -1)[:, :128] for f in files] + [np.zeros((256, 128))], -1)
     affine = np.array([[0, -0.9, 0, 10], [1.1, 0, 0, -5], [0, 0, 2.5, 3], [0, 0, 0, 1]])
     write_slice(scans / "volume.nii.gz", (vol * 3).astype(np.int16), affine)  # (256, 128, 3), the last one empty
     write_slice(scans / "one.nii", nib.load(files[0]).get_fdata().astype(np.float32))
-    r = run("predict.py", f"--checkpoint={ckpt}", f"--input={scans}", cwd=tmp_path)
+    out = tmp_path / "predict_input"
+    r = run("predict.py", f"--checkpoint={ckpt}", f"--input={scans}", f"--out_dir={out}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    out = ckpt.parent / "predict_input"
     rows = list(csv.DictReader(open(out / "per_slice.csv")))
     assert [r["file"] for r in rows] == ["one.nii", "volume.nii.gz:0", "volume.nii.gz:1"]
     ssim = {r["file"]: float(r["ssim"]) for r in rows}
@@ -132,11 +146,11 @@ def test_predict_input_any_nifti_and_3d_volumes(tmp_path):
     m = json.load(open(out / "metrics.json"))
     assert m["n_slices"] == 3 and len(m["skipped"]) == 1 and "volume.nii.gz:2: constant slice" in m["skipped"][0]
     r = run("predict.py", f"--checkpoint={ckpt}", f"--input={tmp_path / 'nothing.nii'}", cwd=tmp_path)
-    assert r.returncode != 0 and f"error: {tmp_path / 'nothing.nii'}: file not found" in r.stderr
+    assert r.returncode != 0 and f"error: {tmp_path / 'nothing.nii'}: file or folder not found" in r.stderr
 
 
 def test_tensorboard_is_optional(tmp_path):
-    root = make_study(tmp_path / "d", per_case=2)
+    root = make_study(tmp_path / "d", per_case=1, cases={"train": [4, 5], "validate": [36]})
     r = run("train.py", f"--data_dir={root}", f"--out_dir={tmp_path / 'run'}", "--n_epochs=1", "--tensorboard=True",
             *TINY, cwd=tmp_path)
     try:

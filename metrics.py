@@ -1,0 +1,244 @@
+"""The measures the project reports, each defined once.
+
+Reconstruction (see README, The metric): each ground-truth slice is scaled to [0, 1] by its own min and max; the
+reconstruction, in the same intensity units, is scaled by that same min and max and clipped to [0, 1]; SSIM is
+scikit-image's `structural_similarity` with its defaults (7x7 uniform window, K1=0.01, K2=0.03, sample covariance)
+and data_range=1; PSNR uses data_range=1. `ssim_torch` is a batched twin of the scikit-image SSIM, checked in
+tests. Per-organ scores (where the data has segmentation labels) average the same SSIM map over an organ's pixels.
+
+Generation (see README, Generation): the classifier two-sample test with its Wilson interval, diversity, left-right
+symmetry, coverage and the distance of each sample to its nearest training slice.
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from dataset import REGIONS
+from modules import reconstruct
+from utils import write_csv
+
+MIN_REGION_PIXELS = 20  # a slice counts toward a region's mean only where the region has this many pixels
+
+
+# ---- reconstruction: the reference metric (scikit-image) ------------------------------------------------------
+
+def score(gt, rec, labels=None):
+    """Reference metric for one slice in intensity units -> {"ssim", "psnr"}, plus "<region>_ssim" and
+    "<region>_psnr" for each labelled region that the slice holds (see region_scores)."""
+    lo, hi = float(gt.min()), float(gt.max())
+    g = (gt - lo) / max(hi - lo, 1e-8)
+    r = np.clip((rec - lo) / max(hi - lo, 1e-8), 0.0, 1.0)
+    ssim, ssim_map = structural_similarity(g, r, data_range=1.0, full=True)
+    out = dict(ssim=float(ssim), psnr=float(peak_signal_noise_ratio(g, r, data_range=1.0)))
+    if labels is not None:
+        out.update(region_scores(g, r, ssim_map, labels))
+    return out
+
+
+def region_scores(g, r, ssim_map, labels, win=7):
+    """Per-organ SSIM and PSNR of one slice pair in [0, 1]: SSIM is scikit-image's SSIM map averaged over the
+    region's pixels, and PSNR comes from the mean squared error over the same pixels. Both leave out the win // 2
+    border, as the whole-image SSIM does. A region counts only where it has MIN_REGION_PIXELS pixels there."""
+    inner = (slice(win // 2, -(win // 2)),) * 2
+    g, r, ssim_map, labels = g[inner], r[inner], ssim_map[inner], labels[inner]
+    out = {}
+    for value, name in REGIONS.items():
+        m = labels == value
+        if m.sum() >= MIN_REGION_PIXELS:
+            mse = max(float(((g[m] - r[m]) ** 2).mean()), 1e-12)
+            out[f"{name}_ssim"], out[f"{name}_psnr"] = float(ssim_map[m].mean()), 10 * np.log10(1 / mse)
+    return out
+
+
+def score_split(x, rec, lo, hi, masks=None):
+    """Per-slice scores of a split with the reference metric, both arrays brought back to intensity units ->
+    {column: (N,) array}: ssim and psnr, and with masks each region's, NaN where the slice lacks the region."""
+    columns = ["ssim", "psnr"] + ([f"{n}_{m}" for n in REGIONS.values() for m in ("ssim", "psnr")] if masks is not None
+                                  else [])
+    out = {c: np.full(len(x), np.nan) for c in columns}
+    for i in range(len(x)):
+        units = [a[i].astype(np.float64) * (hi[i] - lo[i]) + lo[i] for a in (x, rec)]
+        s = score(*units, None if masks is None else masks[i])
+        for c, v in s.items():
+            out[c][i] = v
+    return out
+
+
+def split_means(scores):
+    """Means of score_split's columns: ssim, psnr, n_slices, and per region its means and how many slices it
+    covers."""
+    means = dict(ssim=float(scores["ssim"].mean()), psnr=float(scores["psnr"].mean()), n_slices=len(scores["ssim"]))
+    regions = {}
+    for name in REGIONS.values():
+        if f"{name}_ssim" in scores:
+            have = ~np.isnan(scores[f"{name}_ssim"])
+            regions[name] = dict(ssim=float(scores[f"{name}_ssim"][have].mean()) if have.any() else None,
+                                 psnr=float(scores[f"{name}_psnr"][have].mean()) if have.any() else None,
+                                 n_slices=int(have.sum()))
+    return dict(means, regions=regions) if regions else means
+
+
+def write_per_slice(path, names, scores):
+    """per_slice.csv: one row per slice, a column per score; empty where a region is absent."""
+    write_csv(path, ["file", *scores], [[name, *("" if np.isnan(v[i]) else f"{v[i]:.6f}" for v in scores.values())]
+                                        for i, name in enumerate(names)])
+
+
+def evaluate_split(model, prepared, device, batch_size=64):
+    """Reconstruct a prepared split and score it with the reference metric -> (reconstructions, per-slice scores
+    from score_split, their split_means). The test scoring of train.py and predict.py are this one function."""
+    rec, _ = reconstruct(model, prepared["x"], device, batch_size)
+    scores = score_split(prepared["x"], rec, prepared["lo"], prepared["hi"], prepared.get("masks"))
+    return rec, scores, split_means(scores)
+
+
+# ---- reconstruction on the device: the batched twin, and nearest slices ---------------------------------
+
+def box_mean(x, win):
+    """Mean over every win x win window of (N, 1, H, W) -> (N, 1, H - win + 1, W - win + 1), like
+    F.avg_pool2d(x, win, stride=1) but from running sums, one axis at a time: ~4x faster on a CPU, where the
+    pool dominates the nearest-slice search. Within 1e-5 of the pool for images in [0, 1] (tests)."""
+    s = F.pad(x, (1, 0)).cumsum(-1)
+    s = s[..., win:] - s[..., :-win]
+    s = F.pad(s, (0, 0, 1, 0)).cumsum(-2)
+    return (s[..., win:, :] - s[..., :-win, :]) / (win * win)
+
+
+def ssim_stats(x, win=7):
+    """Local means and (sample) variances of (N, 1, H, W) images: the per-image half of SSIM, reusable."""
+    x = x.float()
+    u = box_mean(x, win)
+    return x, u, win * win / (win * win - 1) * (box_mean(x * x, win) - u * u)
+
+
+def ssim_from_stats(a, b, win=7, k1=0.01, k2=0.03):
+    """SSIM per image pair from ssim_stats of each side (broadcastable over N)."""
+    (x, ux, vx), (y, uy, vy) = a, b
+    vxy = win * win / (win * win - 1) * (box_mean(x * y, win) - ux * uy)
+    c1, c2 = k1 ** 2, k2 ** 2
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+    return s.mean(dim=(1, 2, 3))
+
+
+def ssim_torch(x, y, win=7):
+    """Per-image SSIM of (N, 1, H, W) tensors in [0, 1], matching scikit-image's defaults with data_range=1.
+
+    scikit-image filters with a uniform window, uses the sample covariance (N/(N-1)), and averages the SSIM map
+    over the image cropped by win//2 on each side: exactly the 'valid' region of a win x win average pool."""
+    return ssim_from_stats(ssim_stats(x, win), ssim_stats(y, win), win)
+
+
+def psnr_torch(x, y):
+    """Per-image PSNR in dB of (N, 1, H, W) tensors in [0, 1], data_range=1."""
+    mse = (x.float() - y.float()).pow(2).mean(dim=(1, 2, 3))
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-12))
+
+
+@torch.no_grad()
+def ssim_matrix(queries, pool, chunk=32):
+    """SSIM of every query (N, 1, H, W) against every pool slice (M, 1, H, W), all in [0, 1] -> (N, M). The pool's
+    local statistics are computed once; each pair then costs one pooled product."""
+    pool_stats = [ssim_stats(c) for c in pool.split(chunk)]
+    return torch.stack([torch.cat([ssim_from_stats(ssim_stats(q[None]), ps) for ps in pool_stats]) for q in queries])
+
+
+def nearest_ssim(queries, pool):
+    """For each query: the SSIM to, and the index of, its most similar slice in pool -> two numpy arrays."""
+    best, where = ssim_matrix(queries, pool).max(dim=1)
+    return best.double().cpu().numpy(), where.cpu().numpy()
+
+
+def entropy(counts, reference=None):
+    """Cross-entropy in nats of the histogram `counts` under the distribution of `reference` (itself by default,
+    which makes it the entropy). Codebook perplexity is exp(entropy(counts)); divided by ln 2 it is in bits."""
+    p = counts.double() / counts.sum().clamp_min(1)
+    q = p if reference is None else reference.double() / reference.sum()
+    return float(-(p * torch.log(q.clamp_min(1e-12))).sum())
+
+
+# ---- generation ---------------------------------------------------------------------------------------------
+
+def quartiles(a):
+    q1, med, q3 = np.percentile(a, [25, 50, 75])
+    return dict(median=float(med), q1=float(q1), q3=float(q3), max=float(np.max(a)), n=len(a))  # max: nearest to a copy
+
+
+def mirror_ssim(x):
+    """Each slice's SSIM to its own left-right mirror image (N,) numpy: how much its two halves agree. A prior that
+    draws one femoral head and not the other scores lower than real slices."""
+    return ssim_torch(x, torch.flip(x, dims=[2])).double().cpu().numpy()
+
+
+def median_pairwise_ssim(x):
+    """Median SSIM over all pairs of distinct slices in x (N, 1, H, W): higher means less diverse."""
+    s = ssim_matrix(x, x)
+    return float(s[torch.triu_indices(len(x), len(x), 1).unbind()].median())
+
+
+def coverage_against_real(ref_rec, x, ref_to_train, patients):
+    """Coverage of half the validation patients' reconstructions by the samples, beside the same by the other half
+    of the patients' reconstructions (as many slices as that half has, from patients the first half does not
+    share, as samples are): the real yardstick that samples should match."""
+    held = np.isin(patients, sorted(set(patients))[::2])
+    if held.all():  # one validation patient: no second half to compare with
+        return dict(samples=coverage(ref_rec, x, ref_to_train), validation_recon=None, n_real=len(held),
+                    n_cover=len(x))
+    a, b = torch.from_numpy(held).to(ref_rec.device), torch.from_numpy(~held).to(ref_rec.device)
+    n = min(int(b.sum()), len(x))
+    return dict(samples=coverage(ref_rec[a], x[:n], ref_to_train[held]),
+                validation_recon=coverage(ref_rec[a], ref_rec[b][:n], ref_to_train[held]),
+                n_real=int(held.sum()), n_cover=n)
+
+
+def coverage(real, samples, real_to_train):
+    """The fraction of real slices whose nearest sample is at least as close (SSIM) as their nearest training slice
+    (real_to_train): a recall in the spirit of Kynkaanniemi et al. 2019. A prior that covers only common anatomy
+    leaves the rarer real slices nearer to training slices than to any sample."""
+    return float((nearest_ssim(real, samples)[0] >= real_to_train).mean())
+
+
+def classifier():
+    """The two-sample test's CNN: 256x128 -> four stride-2 convolutions -> mean over the grid -> one logit. It sees
+    the slice at full resolution, where noise and texture differ."""
+    layers, width = [], 1
+    for w in (8, 16, 32, 32):
+        layers += [nn.Conv2d(width, w, 3, stride=2, padding=1), nn.ReLU()]
+        width = w
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 1))
+
+
+def c2st(real, fake, seed=0, steps=150):
+    """Classifier two-sample test: a small CNN learns to tell `fake` from `real` (N, 1, H, W) slices on half of
+    each (equal numbers), and is scored on the other half. 0.5 means indistinguishable. Returns the held-out
+    accuracy with its 95% Wilson interval, and the sizes."""
+    n = min(len(real), len(fake))
+    gen = torch.Generator().manual_seed(seed)
+    real, fake = real[torch.randperm(len(real), generator=gen)[:n]], fake[torch.randperm(len(fake), generator=gen)[:n]]
+    h = n // 2
+    x_fit, x_test = torch.cat([real[:h], fake[:h]]), torch.cat([real[h:], fake[h:]])
+    y_fit = torch.cat([torch.zeros(h), torch.ones(h)])
+    y_test = torch.cat([torch.zeros(n - h), torch.ones(n - h)])
+    with torch.random.fork_rng():  # the classifier's own seeded initialisation, not the caller's random stream
+        torch.manual_seed(seed)
+        net = classifier()
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for _ in range(steps):  # full batch: a few dozen slices
+        loss = nn.functional.binary_cross_entropy_with_logits(net(x_fit)[:, 0], y_fit)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        correct = float(((net(x_test)[:, 0] > 0).float() == y_test).sum())
+    return dict(accuracy=correct / len(y_test), ci95=wilson(correct, len(y_test)), n_fit=len(y_fit),
+                n_test=len(y_test))
+
+
+def wilson(k, n, z=1.96):
+    """95% Wilson score interval of a proportion k / n."""
+    p, d = k / n, 1 + z * z / n
+    centre, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return [centre - half, centre + half]
