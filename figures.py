@@ -123,10 +123,13 @@ def plot_curves(rows, out):
 
 
 def plot_samples(out, samples, to_train, nearest, train_x):
-    """samples.png (16 samples, each with its SSIM to the nearest training slice) and samples_nearest.png (8
-    samples, each beside that training slice)."""
+    """samples.png (16 samples, each with its SSIM to the nearest training slice), samples_64.png (the next 64, to
+    look at many) and samples_nearest.png (8 samples, each beside that training slice)."""
     plot_grid(samples[:16], os.path.join(out, "samples.png"),
               [f"sample {i}, nearest train SSIM {s:.2f}" for i, s in enumerate(to_train[:16])])
+    first = 16 if len(samples) > 16 else 0  # the 64 after samples.png's, where there are more
+    more = samples[first:first + 64]
+    plot_grid(more, os.path.join(out, "samples_64.png"), [f"sample {first + i}" for i in range(len(more))], ncols=8)
     n = min(8, len(samples))
     pairs = np.stack([a for i in range(n) for a in (samples[i], train_x[nearest[i]])])
     plot_grid(pairs, os.path.join(out, "samples_nearest.png"),

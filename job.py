@@ -17,6 +17,11 @@ from utils import DataError, make_folder, newest_first, progress
 SYNC_EVERY = 16  # steps between stop-flag exchanges under DDP
 
 
+def on_cuda(choice, dev):
+    """A GPU-path option ("auto", True or False) -> whether it is on: auto means where the device is CUDA."""
+    return dev.type == "cuda" if choice == "auto" else choice
+
+
 def pick_device(name="auto"):
     """'auto' -> cuda if available, else cpu; otherwise the named device, which must exist here."""
     if name == "auto":
@@ -45,7 +50,9 @@ class Job:
             torch.cuda.set_device(dev)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         self.dev = dev
-        self.autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.amp and dev.type == "cuda")
+        self.amp, self.fused_adamw, self.channels_last = (on_cuda(c, dev) for c in (cfg.amp, cfg.fused_adamw,
+                                                                                      cfg.channels_last))
+        self.autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.amp)
         self.out = self.on_master(lambda: resume_folder(cfg) if cfg.resume else claim_folder(cfg.out_dir))
         self.tb = self.tensorboard() if cfg.tensorboard and self.master else None
         self.signalled = False  # SIGTERM (a scheduler's warning before the wall time): StopRule reads it

@@ -22,6 +22,8 @@ from modules import reconstruct
 from utils import write_csv
 
 MIN_REGION_PIXELS = 20  # a slice counts toward a region's mean only where the region has this many pixels
+SIMILARITY_POOL = 2  # slices compared with one another (nearest slice, diversity, coverage) are first averaged over
+                     # 2x2 pixels: SSIM at 128x64 costs a tenth of SSIM at 256x128
 
 
 # ---- reconstruction: the reference metric (scikit-image) ------------------------------------------------------
@@ -88,10 +90,10 @@ def write_per_slice(path, names, scores):
                                         for i, name in enumerate(names)])
 
 
-def evaluate_split(model, prepared, device, batch_size=64):
+def evaluate_split(model, prepared, device, batch_size=64, amp=False):
     """Reconstruct a prepared split and score it with the reference metric -> (reconstructions, per-slice scores
     from score_split, their split_means). The test scoring of train.py and predict.py are this one function."""
-    rec, _ = reconstruct(model, prepared["x"], device, batch_size)
+    rec, _ = reconstruct(model, prepared["x"], device, batch_size, amp)
     scores = score_split(prepared["x"], rec, prepared["lo"], prepared["hi"], prepared.get("masks"))
     return rec, scores, split_means(scores)
 
@@ -162,6 +164,11 @@ def entropy(counts, reference=None):
 
 # ---- generation ---------------------------------------------------------------------------------------------
 
+def coarse(x):
+    """Slices (N, 1, H, W) averaged over SIMILARITY_POOL x SIMILARITY_POOL pixels, for SSIM between slices."""
+    return F.avg_pool2d(x, SIMILARITY_POOL)
+
+
 def quartiles(a):
     q1, med, q3 = np.percentile(a, [25, 50, 75])
     return dict(median=float(med), q1=float(q1), q3=float(q3), max=float(np.max(a)), n=len(a))  # max: nearest to a copy
@@ -179,62 +186,64 @@ def median_pairwise_ssim(x):
     return float(s[torch.triu_indices(len(x), len(x), 1).unbind()].median())
 
 
-def coverage_against_real(ref_rec, x, ref_to_train, patients):
-    """Coverage of half the validation patients' reconstructions by the samples, beside the same by the other half
-    of the patients' reconstructions (as many slices as that half has, from patients the first half does not
-    share, as samples are): the real yardstick that samples should match."""
-    held = np.isin(patients, sorted(set(patients))[::2])
-    if held.all():  # one validation patient: no second half to compare with
-        return dict(samples=coverage(ref_rec, x, ref_to_train), validation_recon=None, n_real=len(held),
-                    n_cover=len(x))
-    a, b = torch.from_numpy(held).to(ref_rec.device), torch.from_numpy(~held).to(ref_rec.device)
-    n = min(int(b.sum()), len(x))
-    return dict(samples=coverage(ref_rec[a], x[:n], ref_to_train[held]),
-                validation_recon=coverage(ref_rec[a], ref_rec[b][:n], ref_to_train[held]),
-                n_real=int(held.sum()), n_cover=n)
-
-
-def coverage(real, samples, real_to_train):
-    """The fraction of real slices whose nearest sample is at least as close (SSIM) as their nearest training slice
-    (real_to_train): a recall in the spirit of Kynkaanniemi et al. 2019. A prior that covers only common anatomy
-    leaves the rarer real slices nearer to training slices than to any sample."""
-    return float((nearest_ssim(real, samples)[0] >= real_to_train).mean())
+def density_coverage(real, fake, k=5):
+    """Density and coverage of Naeem et al. 2020, with SSIM as the similarity: each real slice's neighbourhood
+    reaches as far as its k-th most similar other real slice. Coverage is the share of real slices whose
+    neighbourhood holds at least one fake slice (1: no part of the real set is missed); density is how many real
+    neighbourhoods hold each fake slice, over k (about 1 where fakes are distributed as the real slices are)."""
+    rr = ssim_matrix(real, real)
+    rr.fill_diagonal_(-math.inf)
+    radius = rr.topk(k, dim=1).values[:, -1:]
+    inside = ssim_matrix(real, fake) >= radius  # (R, F): fake f lies in real r's neighbourhood
+    return dict(coverage=float(inside.any(1).float().mean()), density=float(inside.sum() / (k * len(fake))))
 
 
 def classifier():
-    """The two-sample test's CNN: 256x128 -> four stride-2 convolutions -> mean over the grid -> one logit. It sees
-    the slice at full resolution, where noise and texture differ."""
+    """The two-sample test's CNN: 256x128 -> five stride-2 convolutions, each batch-normalised (without it a few
+    epochs leave the CNN blind to blur) -> mean over the grid -> one logit. It sees the slice at full resolution,
+    where texture differs, and its deepest features span 63 pixels, a femoral head with its acetabulum."""
     layers, width = [], 1
-    for w in (8, 16, 32, 32):
-        layers += [nn.Conv2d(width, w, 3, stride=2, padding=1), nn.ReLU()]
+    for w in (8, 16, 32, 64, 64):
+        layers += [nn.Conv2d(width, w, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU()]
         width = w
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 1))
 
 
-def c2st(real, fake, seed=0, steps=150):
-    """Classifier two-sample test: a small CNN learns to tell `fake` from `real` (N, 1, H, W) slices on half of
-    each (equal numbers), and is scored on the other half. 0.5 means indistinguishable. Returns the held-out
-    accuracy with its 95% Wilson interval, and the sizes."""
+def c2st(real, fake, folds=4, steps=100, seed=0, batch_size=32):
+    """Classifier two-sample test, cross-fitted: N real and N fake slices (N, 1, H, W; N the smaller count) are dealt
+    into `folds` folds of equal numbers of each; for each fold a fresh CNN learns to tell fake from real on the other
+    folds and labels the held-out one, so that every slice is labelled once, by a classifier that never saw it.
+    -> the accuracy over the 2N held-out labels with its 95% Wilson interval. 0.5: indistinguishable."""
     n = min(len(real), len(fake))
     gen = torch.Generator().manual_seed(seed)
-    real, fake = real[torch.randperm(len(real), generator=gen)[:n]], fake[torch.randperm(len(fake), generator=gen)[:n]]
-    h = n // 2
-    x_fit, x_test = torch.cat([real[:h], fake[:h]]), torch.cat([real[h:], fake[h:]])
-    y_fit = torch.cat([torch.zeros(h), torch.ones(h)])
-    y_test = torch.cat([torch.zeros(n - h), torch.ones(n - h)])
-    with torch.random.fork_rng():  # the classifier's own seeded initialisation, not the caller's random stream
-        torch.manual_seed(seed)
-        net = classifier()
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    for _ in range(steps):  # full batch: a few dozen slices
-        loss = nn.functional.binary_cross_entropy_with_logits(net(x_fit)[:, 0], y_fit)
+    real, fake = (a[torch.randperm(len(a), generator=gen)[:n]] for a in (real, fake))
+    x = torch.cat([real, fake])
+    y = torch.cat([torch.zeros(n), torch.ones(n)])
+    fold = torch.arange(2 * n) % n % folds  # the i-th real and the i-th fake slice share a fold
+    correct = 0.0
+    for f in range(folds):
+        fit, held = fold != f, fold == f
+        with torch.random.fork_rng():  # the classifier's own seeded initialisation, not the caller's stream
+            torch.manual_seed(seed + f)
+            net = classifier()
+        fit_classifier(net, x[fit], y[fit], steps, batch_size, torch.Generator().manual_seed(seed + f))
+        with torch.no_grad():
+            correct += float(((net.eval()(x[held])[:, 0] > 0).float() == y[held]).sum())
+    return dict(accuracy=correct / (2 * n), ci95=wilson(correct, 2 * n), n_real=n, n_fake=n, folds=folds)
+
+
+def fit_classifier(net, x, y, steps, batch_size, gen):
+    """`steps` steps of Adam on the binary cross-entropy, over shuffled mini-batches (epoch after epoch)."""
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    batches = []
+    for _ in range(steps):
+        if not batches:
+            batches = list(torch.randperm(len(x), generator=gen).split(batch_size))
+        idx = batches.pop(0)
+        loss = nn.functional.binary_cross_entropy_with_logits(net(x[idx])[:, 0], y[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
-    with torch.no_grad():
-        correct = float(((net(x_test)[:, 0] > 0).float() == y_test).sum())
-    return dict(accuracy=correct / len(y_test), ci95=wilson(correct, len(y_test)), n_fit=len(y_fit),
-                n_test=len(y_test))
 
 
 def wilson(k, n, z=1.96):

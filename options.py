@@ -13,15 +13,15 @@ from utils import DataError
 
 class Option:
     """A setting: its default; its types (those of the default unless `kind` says, as for a None default), with None
-    accepted where the default is None or nullable=True; an optional range (at_least, above, below) or set of
+    accepted where the default is None or nullable=True; an optional range (at_least, above, below, at_most) or set of
     choices; and resumable=True where --resume may change it because it cannot change what is learnt."""
 
-    def __init__(self, default, kind=None, at_least=None, above=None, below=None, choices=None, resumable=False,
-                 nullable=False):
+    def __init__(self, default, kind=None, at_least=None, above=None, below=None, at_most=None, choices=None,
+                 resumable=False, nullable=False):
         self.default, self.resumable, self.choices = default, resumable, choices
         self.nullable = nullable or default is None  # None accepted: "not set"
         self.kind = kind if isinstance(kind, tuple) else (kind,) if kind else (type(default),)
-        self.at_least, self.above, self.below = at_least, above, below
+        self.at_least, self.above, self.below, self.at_most = at_least, above, below, at_most
 
     def accepted(self):
         """The range or choices in words, or None."""
@@ -29,7 +29,8 @@ class Option:
             return " or ".join(map(str, self.choices))
         words = [f"at least {self.at_least}" if self.at_least is not None else None,
                  "positive" if self.above == 0 else f"above {self.above}" if self.above is not None else None,
-                 f"below {self.below}" if self.below is not None else None]
+                 f"below {self.below}" if self.below is not None else None,
+                 f"at most {self.at_most}" if self.at_most is not None else None]
         words = [w for w in words if w]
         return " and ".join(words) if words else None
 
@@ -49,7 +50,7 @@ class Option:
         if self.choices:
             return v in self.choices
         return ((self.at_least is None or v >= self.at_least) and (self.above is None or v > self.above)
-                and (self.below is None or v < self.below))
+                and (self.below is None or v < self.below) and (self.at_most is None or v <= self.at_most))
 
 
 def parse(block, argv):

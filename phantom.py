@@ -101,12 +101,12 @@ def _textures(seed, case):
 
 
 @functools.lru_cache(maxsize=4096)
-def _patient(seed, case):
+def _patient(seed, case, mix=0.0):
     """Per-patient anatomy: sizes/positions that stay fixed across that patient's scans."""
     r = _rng(seed, case)
     u = r.uniform
-    obese = float(r.beta(2.0, 2.5))
-    pr_a = u(0.10, 0.16)                             # prostate half-width: small gland to marked BPH
+    obese = float(r.beta(2.0 + 2.0 * mix, 2.5 - 1.0 * mix))  # mix > 0: a heavier population
+    pr_a = u(0.10, 0.16) + 0.03 * mix                # prostate half-width: small gland to marked BPH
     p = dict(zoom=u(0.87, 1.15), aspect=u(0.94, 1.06), obese=obese,
              body_a=u(0.80, 0.88), body_b=u(0.37, 0.42), body_cy=u(-0.02, 0.01),
              fat=0.035 + 0.09 * obese, fat_ant=u(1.0, 1.6), fat_post=u(0.8, 1.2),
@@ -128,7 +128,7 @@ def _patient(seed, case):
 
 
 @functools.lru_cache(maxsize=4096)
-def _week(seed, case, week):
+def _week(seed, case, week, mix=0.0):
     """Per-fraction changes: set-up (zoom/field of view, shift, rotation, scan range), bladder filling, rectal
     distension and gas, coil shading, receiver gain and noise level."""
     r = _rng(seed, case, week)
@@ -136,7 +136,7 @@ def _week(seed, case, week):
     return dict(zoom=u(0.96, 1.04), dx=float(np.clip(r.normal(0, 0.02), -0.05, 0.05)),
                 dy=float(np.clip(r.normal(0, 0.015), -0.035, 0.035)),
                 theta=float(np.clip(r.normal(0, 0.025), -0.06, 0.06)),
-                zshift=float(np.clip(r.normal(0, 0.035), -0.08, 0.08)), fill=u(0.45, 1.15),
+                zshift=float(np.clip(r.normal(0, 0.035), -0.08, 0.08)), fill=u(0.45, 1.15) + 0.25 * mix,
                 dist=u(0.8, 1.35), gas=float(u(-0.6, 1.0)), gas_phase=u(0, 1), content=u(0.35, 0.9),
                 bias=r.standard_normal((3, 3)), bias_amp=u(0.06, 0.14), coil=u(0.35, 0.75), coil_y=u(-0.05, 0.05),
                 gain=u(0.8, 1.2), sigma=u(0.02, 0.035))
@@ -181,10 +181,10 @@ class Slice:
     """Drawing state of one slice: the image and label map being painted, the coordinate grid, the patient's anatomy
     and this week's set-up (pose, filling, coil), and the per-slice texture fields, each computed at most once."""
 
-    def __init__(self, seed, case, week, slice_idx, n_slices, width):
+    def __init__(self, seed, case, week, slice_idx, n_slices, width, mix=0.0):
         self.x, self.y, self.row0 = _grid(width)
         self.width = width
-        self.patient, self.session = _patient(seed, case), _week(seed, case, week)
+        self.patient, self.session = _patient(seed, case, mix), _week(seed, case, week, mix)
         # position along the scan, 0 = caudal (below the prostate apex), 1 = cranial, moved by the set-up
         z = (slice_idx + 0.5) / max(n_slices, 1)
         self.z = z + self.session["zshift"]
@@ -583,16 +583,17 @@ def _rician_noise(s, rng):
 
 
 def phantom_slice(case: int, week: int, slice_idx: int, n_slices: int, width: int = 128, seed: int = 0,
-                  labels: bool = False, scan_ends: bool = False):
+                  labels: bool = False, scan_ends: bool = False, mix: float = 0.0):
     """float64 array of shape (256, width), raw 'scanner' intensities (roughly 0..~1500, Rician noise background).
     labels=True returns (image, uint8 labels of the same shape).  scan_ends=True makes the outermost slices of a
     scan near-empty or all zero as scan_end_kind says (write_phantom does this); by default every slice is an
-    ordinary one."""
+    ordinary one.  mix=0 draws patients from the demo's population; towards 1 the patients are heavier, with
+    larger prostates and fuller bladders (another patient mix, for data a model was not tuned on)."""
     end = scan_end_kind(seed, case, week, slice_idx, n_slices) if scan_ends else 0
     if end == 2:
         img = np.zeros((N_LR, width))
         return (img, np.zeros((N_LR, width), np.uint8)) if labels else img
-    s = Slice(seed, case, week, slice_idx, n_slices, width)
+    s = Slice(seed, case, week, slice_idx, n_slices, width, mix)
     # painted outside in: later structures cover earlier ones
     _body_and_subcutaneous_fat(s)
     _deep_muscles(s)
@@ -629,11 +630,11 @@ def _plan(split, n, seed):
 
 
 def _write_one(item):
-    path, seg_path, case, week, k, n_week, seed = item
+    path, seg_path, case, week, k, n_week, seed, mix = item
     # deterministic file-format mix so loaders get exercised: 10% wide, 10% 3D, 20% int16
     kind = int(np.random.SeedSequence([seed, case, week, k, 1]).generate_state(1)[0] % 10)
     data, seg = phantom_slice(case, week, k, n_week, width=144 if kind == 0 else 128, seed=seed, labels=True,
-                              scan_ends=True)
+                              scan_ends=True, mix=mix)
     if kind in (2, 3):
         data = np.clip(np.rint(data), -32768, 32767).astype(np.int16)
     else:
@@ -645,7 +646,7 @@ def _write_one(item):
     write_nifti(seg_path, seg, affine)
 
 
-def write_phantom(root, n_per_split, seed=0, progress=False) -> None:
+def write_phantom(root, n_per_split, seed=0, progress=False, mix=0.0) -> None:
     """Writes root/keras_slices_{train,validate,test}/case_XXX_week_N_slice_K.nii.gz (XXX zero-padded to 3 digits)
     and their label maps root/keras_slices_seg_{split}/seg_XXX_week_N_slice_K.nii.gz (uint8, same shape and affine),
     in parallel over the machine's cores."""
@@ -655,7 +656,8 @@ def write_phantom(root, n_per_split, seed=0, progress=False) -> None:
         make_folder(out)
         make_folder(seg)
         items += [(os.path.join(out, f"case_{case:03d}_week_{week}_slice_{k}.nii.gz"),
-                   os.path.join(seg, f"seg_{case:03d}_week_{week}_slice_{k}.nii.gz"), case, week, k, n_week, seed)
+                   os.path.join(seg, f"seg_{case:03d}_week_{week}_slice_{k}.nii.gz"), case, week, k, n_week, seed,
+                   mix)
                   for case, week, k, n_week in _plan(split, n, seed)]
     # items run in patient order and in chunks, so each worker reuses its cached per-patient texture fields
     with multiprocessing.get_context("fork").Pool(os.cpu_count()) as pool:
@@ -702,6 +704,8 @@ BLOCK = dict(
     figure=Option(None, kind=str),   # write the README figure of demo slices beside their labels here
     out_dir=Option(None, kind=str),  # write a phantom data set here, in the course layout
     seed=Option(0),                  # the demo is seed 0; another seed gives other patients
+    mix=Option(0.0, at_least=0, at_most=1),  # 0: the demo's population; towards 1 heavier patients, larger
+                                             # prostates, fuller bladders
     n_train=Option(DEMO_SIZES["train"], at_least=1),
     n_validate=Option(DEMO_SIZES["validate"], at_least=1),
     n_test=Option(DEMO_SIZES["test"], at_least=1),
@@ -719,7 +723,7 @@ def main(argv):
         print(f"wrote {cfg.figure}")
     if cfg.out_dir:
         sizes = dict(train=cfg.n_train, validate=cfg.n_validate, test=cfg.n_test)
-        write_phantom(cfg.out_dir, sizes, cfg.seed, progress=True)
+        write_phantom(cfg.out_dir, sizes, cfg.seed, progress=True, mix=cfg.mix)
         print(f"wrote {sum(sizes.values())} slices and their labels to {cfg.out_dir}")
 
 

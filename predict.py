@@ -19,7 +19,7 @@ import checkpoints
 import dataset
 import figures
 import options
-from job import pick_device
+from job import on_cuda, pick_device
 from metrics import evaluate_split, split_means, write_per_slice
 from options import Option
 from utils import DataError, make_folder, read_image, run_script, write_nifti, write_text
@@ -34,6 +34,7 @@ BLOCK = dict(
     n_show=Option(6, at_least=0),        # slices in the figure
     skip_bad=Option(False),              # True: drop bad slices and list them instead of stopping
     device=Option("auto"),
+    amp=Option("auto", kind=(str, bool), choices=("auto", True, False)),  # bf16 autocast; auto = on CUDA
     batch_size=Option(64, at_least=1),
 )
 
@@ -98,7 +99,8 @@ def predict_inputs(model, dev, out, cfg):
     xs, recs, names, scores, skipped = [], [], [], [], []
     for path in dataset.list_slices(cfg.input, single_file=True):
         img, a, p = read_input(path)
-        rec, s, _ = evaluate_split(model, p, dev, cfg.batch_size) if len(p["x"]) else (p["x"], None, None)
+        rec, s, _ = evaluate_split(model, p, dev, cfg.batch_size, on_cuda(cfg.amp, dev)) if len(p["x"]) else (
+            p["x"], None, None)
         write_back(img, a, p, rec, os.path.join(out, "nifti", os.path.basename(path)))
         xs.append(p["x"]), recs.append(rec), names.extend(p["files"]), skipped.extend(p["skipped"])
         scores += [s] if s else []
@@ -119,7 +121,7 @@ def write_results(out, x, rec, names, scores, metrics, n_show, masks=None):
 def predict_split(model, dev, out, cfg, ckpt_path, ckpt):
     """A split of the data: reconstructed, scored, and with --save_nifti written back beside the inputs' names."""
     p = dataset.prepare(split_files(ckpt_path, ckpt, cfg.data_dir, cfg.split), None, cfg.skip_bad, desc=cfg.split)
-    rec, scores, _ = evaluate_split(model, p, dev, cfg.batch_size)
+    rec, scores, _ = evaluate_split(model, p, dev, cfg.batch_size, on_cuda(cfg.amp, dev))
     if cfg.save_nifti:
         make_folder(os.path.join(out, "nifti"))
         for i, src in enumerate(p["files"]):

@@ -28,6 +28,8 @@ from modules import VQVAE, CodePrior, code_counts, reconstruct
 from options import Option
 from utils import DataError, WriteError, run_script, write_csv, write_text
 
+AUTO = ("auto", True, False)
+
 # ---- the block: defaults for the 150-epoch run on one cluster GPU; config/*.py holds the CPU runs -------------
 BLOCK = dict(
     stage=Option("vqvae", choices=("vqvae", "prior")),  # "vqvae": the autoencoder; "prior": a model of its codes
@@ -55,23 +57,24 @@ BLOCK = dict(
     organ_weight=Option(0.0, at_least=0),  # where the training data has labels, MSE weighs 1 + this on the organs
     # prior (stage 2)
     vqvae_checkpoint=Option(None, kind=str),  # the frozen VQ-VAE; None = the newest runs/*/best_model.pt
-    prior_d_model=Option(64, at_least=1),
-    prior_n_layers=Option(4, at_least=1),
-    prior_n_heads=Option(4, at_least=1),
-    prior_dropout=Option(0.0, at_least=0, below=1),
-    prior_window=Option(64, at_least=0),   # codes each position attends to (two grid rows); 0 = the whole prefix
-    prior_global_layers=Option(0, at_least=0),  # the last this many blocks attend to the whole prefix
-    prior_scan=Option("centre_out", choices=("centre_out", "raster")),  # the order the grid rows are read
-    prior_learning_rate=Option(5e-3, above=0),
-    prior_batch_size=Option(8, at_least=1),
-    prior_n_epochs=Option(50, at_least=1, resumable=True),
-    prior_warmup_steps=Option(10, at_least=1),
+    prior_patch=Option(2, choices=(1, 2, 4)),  # codes per token side: a 64x32 grid in 2x2 patches is 512 tokens
+    prior_d_model=Option(256, at_least=1),  # the GPU run's size; config/demo_generation.py sizes it for a CPU
+    prior_n_layers=Option(8, at_least=1),
+    prior_n_heads=Option(8, at_least=1),
+    prior_dropout=Option(0.1, at_least=0, below=1),
+    prior_learning_rate=Option(1e-3, above=0),
+    prior_batch_size=Option(32, at_least=1),
+    prior_n_epochs=Option(100, at_least=1, resumable=True),
+    prior_warmup_steps=Option(200, at_least=1),
     # both stages
     grad_clip=Option(1.0, at_least=0),
     out_dir=Option(None, kind=str, resumable=True),  # None = a new runs/YYYYmmdd-HHMMSS; a run is never overwritten
     seed=Option(1337),
     device=Option("auto", resumable=True),  # auto = cuda if available, else cpu
-    amp=Option(True, resumable=True),       # bf16 autocast on CUDA (the quantiser stays fp32); ignored on CPU
+    # the GPU path, each "auto" (on where the device is CUDA) or True/False, so that a CPU can run it too
+    amp=Option("auto", kind=(str, bool), choices=AUTO, resumable=True),  # bf16 autocast; the quantiser stays fp32
+    fused_adamw=Option("auto", kind=(str, bool), choices=AUTO, resumable=True),  # AdamW's fused kernel
+    channels_last=Option("auto", kind=(str, bool), choices=AUTO, resumable=True),  # the convolutions' layout
     compile=Option(False, resumable=True),  # torch.compile the model
     time_limit_minutes=Option(None, kind=float, above=0, resumable=True),  # stop after the step that crosses it
     resume=Option(False, kind=(bool, str), resumable=True),  # True: out_dir, or the newest matching run; or a path
@@ -83,9 +86,6 @@ BLOCK = dict(
 
 def check(cfg):
     """What no single option's range can say."""
-    if cfg.prior_global_layers > cfg.prior_n_layers:
-        raise DataError(f"--prior_global_layers={cfg.prior_global_layers} must be 0 to "
-                        f"--prior_n_layers={cfg.prior_n_layers}")
     if cfg.prior_d_model % cfg.prior_n_heads:
         raise DataError(f"--prior_d_model={cfg.prior_d_model} must be a multiple of "
                         f"--prior_n_heads={cfg.prior_n_heads}")
@@ -158,7 +158,7 @@ class VQVAEStage:
         self.x_val = torch.from_numpy(self.prepared["validate"]["x"]).to(job.dev)[:, None]
         torch.manual_seed(cfg.seed)
         self.model = VQVAE(**vqvae_args(cfg)).to(job.dev)
-        if job.dev.type == "cuda":
+        if job.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.lr, self.warmup, self.batch_size, self.n_epochs = (cfg.learning_rate, cfg.warmup_steps, cfg.batch_size,
                                                                 cfg.n_epochs)
@@ -195,7 +195,7 @@ class VQVAEStage:
     def reconstruct(self, model, x):
         """Reconstructions of x (N, H, W), the model's train/eval mode kept."""
         was_training = model.training
-        rec, _ = reconstruct(model.eval(), x, self.job.dev)
+        rec, _ = reconstruct(model.eval(), x, self.job.dev, amp=self.job.amp)
         model.train(was_training)
         return rec
 
@@ -214,7 +214,7 @@ class VQVAEStage:
                          "is skipped")
             return
         p = self.prepared["test"]
-        rec, scores, means = evaluate_split(best, p, self.job.dev, self.cfg.eval_batch_size)
+        rec, scores, means = evaluate_split(best, p, self.job.dev, self.cfg.eval_batch_size, self.job.amp)
         result = dict(**means, best_epoch=ckpt["epoch"], val_ssim=ckpt["val_ssim"], epochs=len(rows),
                       train_seconds=sum(float(r["seconds"]) for r in rows))
         write_text(self.job.path("test_metrics.json"), json.dumps(result, indent=1))
@@ -230,9 +230,8 @@ class VQVAEStage:
 
 def prior_args(cfg, n_codes, grid):
     """CodePrior's arguments from the block's prior_* settings."""
-    return dict(n_codes=n_codes, grid=grid, d_model=cfg.prior_d_model, n_layers=cfg.prior_n_layers,
-                n_heads=cfg.prior_n_heads, dropout=cfg.prior_dropout, window=cfg.prior_window,
-                n_global_layers=cfg.prior_global_layers, scan=cfg.prior_scan)
+    return dict(n_codes=n_codes, grid=grid, patch=cfg.prior_patch, d_model=cfg.prior_d_model,
+                n_layers=cfg.prior_n_layers, n_heads=cfg.prior_n_heads, dropout=cfg.prior_dropout)
 
 
 class PriorStage:
@@ -249,8 +248,10 @@ class PriorStage:
         job.check_same_data(state, self.data)
         prepared = prepare_splits(job, splits, ["train", "validate"], cfg)
         # encode once with the frozen VQ-VAE; the code grids live on the device
-        codes = {s: torch.from_numpy(reconstruct(vqvae, prepared[s]["x"], job.dev, cfg.eval_batch_size)[1]).to(job.dev)
-                 for s in ("train", "validate")}
+        codes = {}
+        for s in ("train", "validate"):
+            _, grids = reconstruct(vqvae, prepared[s]["x"], job.dev, cfg.eval_batch_size, job.amp)
+            codes[s] = torch.from_numpy(grids).to(job.dev)
         self.x_train, self.codes_val = codes["train"], codes["validate"]
         n_codes = vq_ckpt["model_args"]["n_embeddings"]
         # the baseline: validation codes under the training split's unigram distribution (add-one smoothed)
@@ -320,7 +321,7 @@ def train(job, cfg, stage, state):
     stopped it (last.pt then holds the position inside the epoch, and --resume continues from it)."""
     model, dev = stage.model, job.dev
     optimizer = torch.optim.AdamW(model.parameters(), lr=stage.lr, betas=(0.9, 0.99), weight_decay=0.0,
-                                  fused=dev.type == "cuda")
+                                  fused=job.fused_adamw)
     pos = restore(job, state, model, optimizer)
     net = job.wrap(model, cfg.compile)
     stop = StopRule(job, cfg.time_limit_minutes, pos["elapsed"])

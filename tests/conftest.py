@@ -22,6 +22,14 @@ TINY_PRIOR = ["--stage=prior", "--prior_d_model=16", "--prior_n_layers=1", "--pr
               "--prior_batch_size=4", "--prior_warmup_steps=2", "--cache_dir=None"]
 
 
+def pytest_configure(config):
+    """A deprecation warning (from torch or anything else) fails the test that meets it, but for one that torch
+    raises at its own import of torch.utils.mkldnn when torch.compile loads inductor (no call of ours is involved)."""
+    for category in ("DeprecationWarning", "FutureWarning"):
+        config.addinivalue_line("filterwarnings", f"error::{category}")
+    config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
+
 def run(script, *args, cwd):
     """One of the repo's scripts as a user runs it, in folder cwd, but in this process (a new Python would spend
     seconds importing torch): its main() as its entry point calls it, a DataError becoming the one `error:` line

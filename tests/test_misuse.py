@@ -93,7 +93,7 @@ def test_resume_true_without_out_dir_continues_only_a_matching_run(trained):
             cwd=trained.tmp)
     one_error_line(r, "will not continue runs/vq", "beta=0.25 there, 0.3 here")  # the newest VQ-VAE run
     r = run("train.py", "--stage=prior", "--resume=True", "--prior_n_epochs=2", cwd=trained.tmp)
-    one_error_line(r, "will not continue runs/prior", "prior_d_model=16 there, 64 here")
+    one_error_line(r, "will not continue runs/prior", "prior_d_model=16 there, 256 here")
 
 
 def test_every_pair_of_splits_is_patient_disjoint(tmp_path):
@@ -107,8 +107,8 @@ def test_every_pair_of_splits_is_patient_disjoint(tmp_path):
     ("--learning_rate=-0.001", "--learning_rate=-0.001 must be positive"),
     ("--time_limit_minutes=-1", "--time_limit_minutes=-1.0 must be positive"),
     ("--ema_decay=1.5", "--ema_decay=1.5 must be at least 0 and below 1"), ("--stage=gan", "vqvae or prior"),
-    ("--np=3", "unknown option --np"), ("--prior_global_layers=5", "must be 0 to --prior_n_layers=4"),
-    ("--prior_d_model=30", "must be a multiple of --prior_n_heads=4"),
+    ("--np=3", "unknown option --np"), ("--prior_patch=3", "--prior_patch=3 must be 1 or 2 or 4"),
+    ("--prior_d_model=30", "must be a multiple of --prior_n_heads=8"),
 ])
 def test_out_of_range_settings_stop_before_any_data_is_read(tmp_path, arg, says):
     r = run("train.py", "--data_dir=/nonexistent", arg, cwd=tmp_path)
