@@ -3,6 +3,7 @@
 time limit, SIGTERM), and the few collectives the stages need (each a no-op without torch.distributed).
 """
 import hashlib
+import inspect
 import math
 import os
 import signal
@@ -116,9 +117,11 @@ class Job:
     def wrap(self, model, compile_model):
         """What the training steps call: the model, through torch.compile if asked, and DDP under torchrun."""
         net = torch.compile(model) if compile_model else model
-        if self.ddp:  # the quantiser keeps its buffers in step itself (all-reduced EMA), so no buffer broadcast
-            net = torch.nn.parallel.DistributedDataParallel(
-                net, device_ids=[self.dev.index] if self.dev.type == "cuda" else None, broadcast_buffers=False)
+        if self.ddp:  # the quantiser keeps its buffers in step itself (all-reduced EMA), so no buffer sync per step
+            ddp = torch.nn.parallel.DistributedDataParallel
+            no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                       else "broadcast_buffers")  # torch >= 2.14 names it so and warns on the old name
+            net = ddp(net, device_ids=[self.dev.index] if self.dev.type == "cuda" else None, **{no_sync: False})
         return net
 
     def check_ranks_agree(self, model):

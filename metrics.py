@@ -123,7 +123,7 @@ def ssim_from_stats(a, b, win=7, k1=0.01, k2=0.03):
     vxy = win * win / (win * win - 1) * (box_mean(x * y, win) - ux * uy)
     c1, c2 = k1 ** 2, k2 ** 2
     s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
-    return s.mean(dim=(1, 2, 3))
+    return s.mean(dim=(-3, -2, -1))
 
 
 def ssim_torch(x, y, win=7):
@@ -141,11 +141,13 @@ def psnr_torch(x, y):
 
 
 @torch.no_grad()
-def ssim_matrix(queries, pool, chunk=32):
-    """SSIM of every query (N, 1, H, W) against every pool slice (M, 1, H, W), all in [0, 1] -> (N, M). The pool's
-    local statistics are computed once; each pair then costs one pooled product."""
-    pool_stats = [ssim_stats(c) for c in pool.split(chunk)]
-    return torch.stack([torch.cat([ssim_from_stats(ssim_stats(q[None]), ps) for ps in pool_stats]) for q in queries])
+def ssim_matrix(queries, pool, chunk=8):
+    """SSIM of every query (N, 1, H, W) against every pool slice (M, 1, H, W), all in [0, 1] -> (N, M). Each side's
+    local statistics are computed once; a block of chunk x chunk pairs then costs one batched pooled product."""
+    q_stats = [ssim_stats(c) for c in queries.split(chunk)]
+    p_stats = [ssim_stats(c) for c in pool.split(chunk)]
+    return torch.cat([torch.cat([ssim_from_stats([s[:, None] for s in q], [s[None] for s in p]) for p in p_stats], 1)
+                      for q in q_stats])  # (n, 1, ...) against (1, m, ...) broadcasts to the n x m pairs
 
 
 def nearest_ssim(queries, pool):

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 import checkpoints
-from metrics import box_mean, psnr_torch, score, ssim_torch
+from metrics import box_mean, psnr_torch, score, ssim_matrix, ssim_torch
 from modules import VQVAE, VectorQuantizer, code_counts
 
 
@@ -100,6 +100,15 @@ def test_box_mean_equals_average_pool():
     x = torch.rand(3, 1, 256, 128)
     x[:, :, 100:] = 0
     assert (box_mean(x, 7) - F.avg_pool2d(x, 7, stride=1)).abs().max() < 1e-5
+
+
+def test_ssim_matrix_is_every_pair_scikit_image():
+    rng = np.random.default_rng(1)
+    a, b = rng.random((5, 32, 16)), rng.random((7, 32, 16))
+    b[:3] = np.clip(a[:3] + rng.normal(0, 0.1, a[:3].shape), 0, 1)  # some pairs alike, most not
+    m = ssim_matrix(torch.tensor(a)[:, None].float(), torch.tensor(b)[:, None].float(), chunk=3).double().numpy()
+    ref = [[structural_similarity(x, y, data_range=1.0) for y in b] for x in a]
+    assert m.shape == (5, 7) and np.abs(m - ref).max() < 1e-4
 
 
 @pytest.mark.filterwarnings("ignore:divide by zero")  # identical slices: scikit-image's PSNR is inf
