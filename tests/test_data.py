@@ -144,3 +144,9 @@ def test_grid_plot(tmp_path, study):
     p = dataset.prepare(dataset.find_splits(study)["test"])
     plot_grid(p["x"], tmp_path / "s.png", titles=["a", "b", "c"])
     assert (tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_parallel_loading_gives_what_one_process_does(study):
+    files = dataset.find_splits(study)["train"]
+    one, two = dataset.prepare(files, workers=1), dataset.prepare(files, workers=2)
+    assert (one["x"] == two["x"]).all() and one["files"] == two["files"] and (one["lo"] == two["lo"]).all()

@@ -4,14 +4,17 @@ import csv
 import multiprocessing
 import os
 import shutil
+import zipfile
 
+import numpy as np
 import pytest
 import torch
 
+import checkpoints
 import dataset
 import job
 import train
-from conftest import TINY, TINY_PRIOR, make_study, run, run_process
+from conftest import TINY, TINY_PRIOR, make_study, run, run_process, write_slice
 from utils import DataError
 
 
@@ -184,3 +187,40 @@ def test_folder_of_a_run_killed_in_its_first_epoch_can_be_reused(tmp_path):
     r = run("train.py", f"--data_dir={root}", f"--out_dir={out}", "--n_epochs=1", *TINY, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "no test split" in r.stdout and "the test is skipped" in r.stdout
+
+
+def test_rarer_mistakes_are_one_line_each(tmp_path):
+    archive = tmp_path / "other.pt"
+    with zipfile.ZipFile(archive, "w") as z:  # a zip archive, as torch.save writes, but not one torch wrote
+        z.writestr("notes.txt", "hello")
+    for call, says in [(lambda: checkpoints.load(archive), "other.pt: corrupt checkpoint"),
+                       (lambda: checkpoints.find(None, str(tmp_path / "runs/*/best_model.pt")), "train first"),
+                       (lambda: dataset.case_id("/d/scan_12.nii"), "scan_12.nii: name has no case_XXX part"),
+                       (lambda: dataset.patient_split(["/d/case_004_week_0_slice_0.nii"] * 2, 0.1, 0),
+                        "/d: one patient only"),
+                       (lambda: dataset.find_splits(), "no training data"),
+                       (lambda: dataset.read_splits(str(tmp_path)), "splits.json: cannot read the run's splits")]:
+        with pytest.raises(DataError, match=says):
+            call()
+
+
+def test_a_split_of_constant_slices_only_is_refused(tmp_path):
+    folder = tmp_path / "keras_slices_train"
+    folder.mkdir()
+    for k in range(2):
+        write_slice(folder / f"case_004_week_0_slice_{k}.nii.gz", np.zeros((256, 128), np.int16))
+    with pytest.raises(DataError, match="no usable slices"):
+        dataset.prepare(dataset.list_slices(str(folder)))
+
+
+def test_predict_refuses_what_it_cannot_reconstruct(trained, tmp_path):
+    ckpt = trained.out / "best_model.pt"
+    write_slice(tmp_path / "four_d.nii.gz", np.ones((256, 128, 2, 2), np.float32))
+    one_error_line(run("predict.py", f"--checkpoint={ckpt}", f"--input={tmp_path / 'four_d.nii.gz'}", cwd=tmp_path),
+                   "four_d.nii.gz: expected a 2D slice or a 3D volume")
+    write_slice(tmp_path / "blank.nii.gz", np.zeros((256, 128, 3), np.int16))
+    one_error_line(run("predict.py", f"--checkpoint={ckpt}", f"--input={tmp_path / 'blank.nii.gz'}", cwd=tmp_path),
+                   "every slice is constant")
+    train_only = make_study(tmp_path / "d", per_case=1, cases={"train": [4, 5]})
+    one_error_line(run("predict.py", f"--checkpoint={ckpt}", f"--data_dir={train_only}", cwd=tmp_path),
+                   "no test split")

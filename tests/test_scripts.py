@@ -2,12 +2,15 @@
 import csv
 import json
 import os
+import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
+from tqdm import tqdm
 
 import options
+import utils
 from conftest import TINY, make_study, run, write_slice
 from metrics import score
 from options import Option
@@ -161,3 +164,24 @@ def test_tensorboard_is_optional(tmp_path):
         return
     assert r.returncode == 0, r.stderr[-3000:]
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "run" / "tensorboard"))
+
+
+def test_organ_weight_and_another_data_root(trained, tmp_path):
+    out = tmp_path / "run"
+    r = run("train.py", f"--data_dir={trained.root}", f"--out_dir={out}", "--n_epochs=1", "--organ_weight=4", *TINY,
+            cwd=tmp_path)  # each pixel's loss weight rides beside the image: 5 in the organs, 1 elsewhere
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert np.isfinite(float(next(csv.DictReader(open(out / "metrics.csv")))["train_loss"]))
+    # predict on a named data root and split rather than the ones the run trained on
+    r = run("predict.py", f"--checkpoint={out / 'best_model.pt'}", f"--data_dir={trained.root}", "--split=validate",
+            cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.load(open(out / "predict_validate" / "metrics.json"))["n_slices"] == 8
+
+
+def test_progress_bars_only_on_a_terminal(monkeypatch):
+    steps = range(3)
+    assert utils.progress(steps, "epoch 0") is steps  # a batch job's log: no bar, the loop prints a line per epoch
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    bar = utils.progress(steps, "epoch 0")
+    assert isinstance(bar, tqdm) and list(bar) == [0, 1, 2]
