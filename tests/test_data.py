@@ -150,3 +150,12 @@ def test_parallel_loading_gives_what_one_process_does(study):
     files = dataset.find_splits(study)["train"]
     one, two = dataset.prepare(files, workers=1), dataset.prepare(files, workers=2)
     assert (one["x"] == two["x"]).all() and one["files"] == two["files"] and (one["lo"] == two["lo"]).all()
+
+
+def test_cache_whose_arrays_do_not_fit_its_file_list_is_rebuilt(study, tmp_path, capsys):
+    files = dataset.find_splits(study)["train"]
+    cache = tmp_path / "cache"
+    a = dataset.prepare(files, str(cache))
+    np.save(next(p for p in cache.glob("*.npy") if ".masks" not in p.name), a["x"][:-1])  # one slice short
+    b = dataset.prepare(files, str(cache))
+    assert "unreadable (ValueError" in capsys.readouterr().out and (a["x"] == b["x"]).all()

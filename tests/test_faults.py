@@ -134,3 +134,17 @@ def test_write_file_leaves_the_old_file_whole(tmp_path, monkeypatch):
     with pytest.raises(utils.WriteError, match="a.csv: cannot write"):
         utils.write_text(path, "new\n" * 1000)
     assert path.read_text() == "old\n" and os.listdir(tmp_path) == ["a.csv"]
+
+
+def test_an_interrupted_write_leaves_the_old_file_and_no_temporary_one(tmp_path):
+    target = tmp_path / "metrics.csv"
+    target.write_text("old")
+
+    def interrupted(f):
+        f.write(b"half a row")
+        raise KeyboardInterrupt  # Ctrl-C in the middle of a write: re-raised as it is, after the clean-up
+    with pytest.raises(KeyboardInterrupt):
+        utils.write_file(target, interrupted)
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["metrics.csv"]
+    with pytest.raises(utils.DataError, match="gone.nii.gz: file not found"):  # a file removed after the listing
+        utils.read_image(str(tmp_path / "gone.nii.gz"))

@@ -132,7 +132,7 @@ def test_bench_rows_on_the_gpu_path(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(phantom, "STUDY_ROOT", str(tmp_path / "study"))
     monkeypatch.setattr(phantom, "STUDY_SIZES", {"train": 8, "validate": 4, "test": 4})
     monkeypatch.chdir(tmp_path)
-    bench.main(["--device=cpu", *GPU_PATH, *TINY, "--steps=1", "--warmup=0", "--sample_n=1", "--prep=True",
+    bench.main(["--device=cpu", *GPU_PATH, *TINY, "--steps=1", "--warmup=1", "--sample_n=1", "--prep=True",
                 "--prior_d_model=16", "--prior_n_layers=1", "--prior_n_heads=2", "--prior_batch_size=2"])
     out = capsys.readouterr().out
     for row in ("train images/s", "train FLOPs per image", "peak host memory", "epoch overhead in all",

@@ -224,3 +224,31 @@ def test_predict_refuses_what_it_cannot_reconstruct(trained, tmp_path):
     train_only = make_study(tmp_path / "d", per_case=1, cases={"train": [4, 5]})
     one_error_line(run("predict.py", f"--checkpoint={ckpt}", f"--data_dir={train_only}", cwd=tmp_path),
                    "no test split")
+
+
+def test_resume_and_run_folder_mistakes(trained, tmp_path, monkeypatch):
+    one_error_line(run("train.py", f"--out_dir={trained.out}", "--stage=prior", "--resume=True", cwd=tmp_path),
+                   "is a vqvae run; add --stage=vqvae")
+    one_error_line(run("train.py", "--resume=True", cwd=tmp_path), "no vqvae run under runs/ to resume")
+    one_error_line(run("train.py", f"--resume={tmp_path}", cwd=tmp_path), "last.pt not found")
+    one_error_line(run("train.py", "--device=gpu0", cwd=tmp_path), "--device=gpu0: not a device name")
+    os.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+
+    def refuse(path, *a):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(job.os, "mkdir", refuse)
+    with pytest.raises(DataError, match="cannot create the run folder \\(Permission denied\\)"):
+        job.claim_folder(None)
+
+    def taken(path, *a):
+        raise FileExistsError(17, "File exists")
+    monkeypatch.setattr(job.os, "mkdir", taken)
+    with pytest.raises(DataError, match="no free run folder name"):
+        job.claim_folder(None)
+
+
+@pytest.mark.parametrize("script", ["predict.py", "sample.py", "bench.py", "phantom.py"])
+def test_every_script_stops_in_one_line_from_the_shell(tmp_path, script):
+    one_error_line(run_process(script, "--seed=x" if script == "phantom.py" else "--np=3", cwd=tmp_path),
+                   "--seed=x" if script == "phantom.py" else "unknown option --np")

@@ -185,3 +185,24 @@ def test_progress_bars_only_on_a_terminal(monkeypatch):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     bar = utils.progress(steps, "epoch 0")
     assert isinstance(bar, tqdm) and list(bar) == [0, 1, 2]
+
+
+def test_tensorboard_receives_the_metrics_and_reconstructions(trained, tmp_path, monkeypatch):
+    """With a stand-in for tensorboard's SummaryWriter (the package is optional): what a run hands it."""
+    calls = []
+
+    class Writer:
+        def __init__(self, folder):
+            calls.append(("open", folder))
+
+        def __getattr__(self, name):
+            return lambda *a, **k: calls.append((name, a[0] if a else None))
+    module = type(sys)("torch.utils.tensorboard")
+    module.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", module)
+    r = run("train.py", f"--data_dir={trained.root}", f"--out_dir={tmp_path / 'run'}", "--n_epochs=1",
+            "--tensorboard=True", *TINY, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    names = {c[0] for c in calls}
+    assert calls[0] == ("open", str(tmp_path / "run" / "tensorboard")) and {"add_scalar", "add_image", "close"} <= names
+    assert ("add_scalar", "vqvae/val_ssim") in calls
