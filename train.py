@@ -140,7 +140,8 @@ class VQVAEStage:
     def __init__(self, job, cfg, state):
         self.job, self.cfg = job, cfg
         demo = not (cfg.data_dir or cfg.train_dir)
-        self.root = (phantom.ensure_demo() if job.master else phantom.DEMO_ROOT) if demo else cfg.data_dir
+        self.root = ((phantom.ensure_demo() if job.master else phantom.DEMO_ROOT) if demo else
+                     cfg.data_dir or os.path.dirname(os.path.abspath(cfg.train_dir)))  # per-split folders: their parent
         job.barrier()
         splits = dataset.find_splits(self.root, cfg.train_dir, cfg.validate_dir, cfg.test_dir, cfg.val_fraction,
                                      cfg.seed)

@@ -206,3 +206,12 @@ def test_tensorboard_receives_the_metrics_and_reconstructions(trained, tmp_path,
     names = {c[0] for c in calls}
     assert calls[0] == ("open", str(tmp_path / "run" / "tensorboard")) and {"add_scalar", "add_image", "close"} <= names
     assert ("add_scalar", "vqvae/val_ssim") in calls
+
+
+def test_each_split_in_a_folder_of_its_own(tmp_path):
+    root = make_study(tmp_path / "d", per_case=1, cases={"train": [4, 5], "validate": [36], "test": [40]})
+    r = run("train.py", f"--train_dir={root}/keras_slices_train", f"--test_dir={root}/keras_slices_test",
+            "--n_epochs=1", f"--out_dir={tmp_path / 'run'}", *TINY, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    splits = json.load(open(tmp_path / "run" / "splits.json"))
+    assert splits["data_root"] == root and len(splits["test"]) == 1 and len(splits["validate"]) == 1
