@@ -281,8 +281,7 @@ def main(argv):
     model.eval()
     gen = torch.Generator().manual_seed(cfg.seed)
     t0 = time.time()
-    grids = torch.cat([(model.sample(64, cfg.temperature, generator=gen) if cfg.design == "patches" else
-                        model.sample(64, cfg.temperature, gen)) for _ in range(4)])
+    grids = torch.cat([model.sample(64, cfg.temperature, generator=gen) for _ in range(4)])
     samples = torch.cat([vqvae.decode(g).float().clamp(0, 1) for g in grids.split(64)])
     seconds = time.time() - t0
     judge_cfg = options.parse(sample.BLOCK, [f"--seed={cfg.seed}"])  # sample.py's own measures, as it sets them
