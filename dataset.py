@@ -5,18 +5,19 @@ uses), and (lo, hi) are kept per slice so x * (hi - lo) + lo puts a reconstructi
 Labels: where a split folder keras_slices_<split> has a sibling keras_slices_seg_<split>, each image
 case_XXX_week_N_slice_K is paired with seg_XXX_week_N_slice_K there, resized with nearest-neighbour.
 """
+import contextlib
 import glob
 import hashlib
 import itertools
 import json
-import multiprocessing as mp
 import os
 import re
 
 import numpy as np
 from skimage.transform import resize
 
-from utils import DataError, WriteError, progress, read_nifti, write_file, write_text
+from pool import n_workers, parallel_map
+from utils import DataError, WriteError, doing, read_nifti, write_file, write_text
 
 H, W = 256, 128
 SPLITS = ("train", "validate", "test")
@@ -192,16 +193,24 @@ def _read_cache(path):
 
 def _write_cache(path, res):
     """The .npy files first and the .json last, each written atomically, so an interrupted write is never taken
-    for a cache. A cache that cannot be written (disk full, read-only) is only a slower next start: said, not
-    fatal."""
+    for a cache, and the files of one that is interrupted (SIGTERM, a full disk) are removed. A cache that cannot
+    be written (disk full, read-only) is only a slower next start: said, not fatal."""
     arrays = [("", res["x"])] + ([(".masks", res["masks"])] if res["masks"] is not None else [])
+    doing(f"writing the cache {path}")
+    written = []
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         for suffix, a in arrays:
             write_file(f"{path}{suffix}.npy", lambda f: np.save(f, a))
+            written.append(f"{path}{suffix}.npy")
         write_text(path + ".json", json.dumps(dict(has_masks=res["masks"] is not None, **{
             k: v.tolist() if k in ("lo", "hi") else v for k, v in res.items() if k not in ("x", "masks")})))
-    except (OSError, WriteError) as e:
+    except BaseException as e:
+        for f in written:
+            with contextlib.suppress(OSError):
+                os.remove(f)
+        if not isinstance(e, (OSError, WriteError)):
+            raise
         print(f"cache {path}: not written ({e}); the next start prepares the data again", flush=True)
 
 
@@ -228,13 +237,8 @@ def prepare(files, cache_dir=None, skip_bad=False, desc="prepare", workers=None)
             cached = None
         if cached and (skip_bad or not cached["bad"]):  # a strict run must still refuse the bad files it skipped
             return cached
-    items = list(zip(files, masks))
-    workers = workers or min(len(files) // 64 + 1, os.cpu_count() or 1)
-    if workers > 1:
-        with mp.get_context("fork").Pool(workers) as pool:
-            out = list(progress(pool.imap(_load_or_error, items, chunksize=16), desc, len(files)))
-    else:
-        out = [_load_or_error(f) for f in progress(items, desc)]
+    doing(f"preparing the {desc} slices ({len(files)} files)")
+    out = parallel_map(_load_or_error, list(zip(files, masks)), workers or n_workers(len(files)), files, desc)
     bad = [o for o in out if isinstance(o, str)]
     if bad and not skip_bad:
         raise DataError("\n".join(bad))

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 import checkpoints
-from utils import DataError, make_folder, newest_first, progress
+from utils import DataError, Terminated, make_folder, newest_first, progress
 
 SYNC_EVERY = 16  # steps between stop-flag exchanges under DDP
 
@@ -56,8 +56,6 @@ class Job:
         self.autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.amp)
         self.out = self.on_master(lambda: resume_folder(cfg) if cfg.resume else claim_folder(cfg.out_dir))
         self.tb = self.tensorboard() if cfg.tensorboard and self.master else None
-        self.signalled = False  # SIGTERM (a scheduler's warning before the wall time): StopRule reads it
-        self.previous_handler = signal.signal(signal.SIGTERM, lambda *_: setattr(self, "signalled", True))
 
     # ---- output ------------------------------------------------------------------------------------------------
     def log(self, *a):
@@ -135,7 +133,6 @@ class Job:
                  f"{self.world} ranks: {' '.join(digests)}")
 
     def close(self):
-        signal.signal(signal.SIGTERM, self.previous_handler)
         if self.tb:
             self.tb.close()
         if self.ddp:
@@ -210,15 +207,25 @@ def claim_folder(out_dir):
 
 
 class StopRule:
-    """When to leave the step loop: after the step that crosses the time limit, or on SIGTERM. Under DDP both come
-    from rank 0, shared every SYNC_EVERY steps (reading them back is a host sync), so every rank leaves after the
-    same step and follows the same wall-time learning-rate schedule."""
+    """When to leave the step loop: after the step that crosses the time limit, or on SIGTERM. From its creation to
+    close() a SIGTERM only sets a flag, so that the loop saves its position before it leaves; elsewhere it raises
+    utils.Terminated. Under DDP both come from rank 0, shared every SYNC_EVERY steps (reading them back is a host
+    sync), so every rank leaves after the same step and follows the same wall-time learning-rate schedule."""
 
     def __init__(self, job, time_limit_minutes, elapsed):
         self.job = job
         self.limit = time_limit_minutes * 60 if time_limit_minutes else None
         self.t_start = time.time() - elapsed
         self.shared = elapsed / self.limit if self.limit else 0.0  # rank 0's progress, as last shared
+        self.signalled = False
+        self.previous = signal.signal(signal.SIGTERM, lambda *_: setattr(self, "signalled", True))
+
+    def close(self, reason):
+        """After the loop, which left for `reason`: SIGTERM raises again, and one that the loop did not stop for
+        (it came during the last validation) is raised now."""
+        signal.signal(signal.SIGTERM, self.previous)
+        if self.signalled and reason != "signal":
+            raise Terminated("SIGTERM after the last training step; no file was left half-written")
 
     def elapsed(self):
         return time.time() - self.t_start
@@ -232,7 +239,7 @@ class StopRule:
 
     def check(self, global_step):
         """After a step: 'signal', 'time' or None."""
-        used, signalled = self.used(), self.job.signalled
+        used, signalled = self.used(), self.signalled
         if self.job.ddp:
             if global_step % SYNC_EVERY:
                 return None

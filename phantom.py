@@ -23,17 +23,15 @@ structures overwriting earlier ones, so labels line up with what the image shows
 """
 import functools
 import math
-import multiprocessing
 import os
 import shutil
 
 import numpy as np
 
-import figures
 import options
 from options import Option
-import utils
-from utils import DataError, make_folder, run_script, write_nifti
+from pool import n_workers, parallel_map
+from utils import DataError, WriteError, doing, make_folder, run_script, write_nifti
 
 SPLIT_CASES = {"train": range(4, 36), "validate": range(36, 40), "test": range(40, 43)}
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -646,35 +644,42 @@ def _write_one(item):
     write_nifti(seg_path, seg, affine)
 
 
-def write_phantom(root, n_per_split, seed=0, progress=False, mix=0.0) -> None:
+def write_phantom(root, n_per_split, seed=0, progress=False, mix=0.0, workers=None) -> None:
     """Writes root/keras_slices_{train,validate,test}/case_XXX_week_N_slice_K.nii.gz (XXX zero-padded to 3 digits)
     and their label maps root/keras_slices_seg_{split}/seg_XXX_week_N_slice_K.nii.gz (uint8, same shape and affine),
-    in parallel over the machine's cores."""
-    items = []
-    for split, n in n_per_split.items():
-        out, seg = os.path.join(root, f"keras_slices_{split}"), os.path.join(root, f"keras_slices_seg_{split}")
-        make_folder(out)
-        make_folder(seg)
-        items += [(os.path.join(out, f"case_{case:03d}_week_{week}_slice_{k}.nii.gz"),
-                   os.path.join(seg, f"seg_{case:03d}_week_{week}_slice_{k}.nii.gz"), case, week, k, n_week, seed,
-                   mix)
-                  for case, week, k, n_week in _plan(split, n, seed)]
-    # items run in patient order and in chunks, so each worker reuses its cached per-patient texture fields
-    with multiprocessing.get_context("fork").Pool(os.cpu_count()) as pool:
-        for _ in utils.progress(pool.imap_unordered(_write_one, items, chunksize=16), "phantom", len(items), progress):
-            pass
+    in parallel. The folder appears whole or not at all: it is written under a temporary name beside root and then
+    renamed, so that a run stopped half-way (SIGTERM, a full disk) leaves nothing that looks like a data set."""
+    if os.path.exists(root) and not (os.path.isdir(root) and not os.listdir(root)):
+        raise DataError(f"{root}: already exists and is not an empty folder; choose another folder")
+    make_folder(os.path.dirname(os.path.abspath(root)))
+    doing(f"writing the phantom to {root}")
+    tmp = f"{os.path.abspath(root)}.tmp{os.getpid()}"
+    try:
+        items = []
+        for split, n in n_per_split.items():
+            out, seg = os.path.join(tmp, f"keras_slices_{split}"), os.path.join(tmp, f"keras_slices_seg_{split}")
+            make_folder(out)
+            make_folder(seg)
+            items += [(os.path.join(out, f"case_{case:03d}_week_{week}_slice_{k}.nii.gz"),
+                       os.path.join(seg, f"seg_{case:03d}_week_{week}_slice_{k}.nii.gz"), case, week, k, n_week,
+                       seed, mix)
+                      for case, week, k, n_week in _plan(split, n, seed)]
+        # items run in patient order and in chunks, so each worker reuses its cached per-patient texture fields
+        parallel_map(_write_one, items, workers or n_workers(len(items), per_worker=16),
+                     [it[0].replace(tmp, root) for it in items], "phantom", progress)
+        try:
+            os.replace(tmp, root)
+        except OSError as e:
+            raise WriteError(f"{root}: cannot move the written phantom into place ({e.strerror or e})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def ensure_demo(root=DEMO_ROOT, sizes=DEMO_SIZES, seed=0):
-    """Write the synthetic pelvis phantom once (into a temp folder, then rename) and return its root."""
+    """Write the synthetic pelvis phantom once and return its root."""
     if not os.path.isdir(root):
         print(f"writing the synthetic pelvis phantom to {root} (once)")
-        tmp = f"{root}.tmp{os.getpid()}"
-        try:
-            write_phantom(tmp, sizes, seed=seed, progress=True)
-            os.replace(tmp, root)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        write_phantom(root, sizes, seed=seed, progress=True)
     return root
 
 
@@ -718,6 +723,7 @@ def main(argv):
     if not (cfg.figure or cfg.out_dir):
         raise DataError("give --figure=PATH (the README figure) or --out_dir=FOLDER (a data set)")
     if cfg.figure:
+        import figures  # matplotlib and torch (through metrics), which the phantom's workers do without
         make_folder(os.path.dirname(os.path.abspath(cfg.figure)))
         figures.plot_phantom(cfg.figure, figure_slices(cfg.seed))
         print(f"wrote {cfg.figure}")

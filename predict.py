@@ -22,7 +22,7 @@ import options
 from job import on_cuda, pick_device
 from metrics import evaluate_split, split_means, write_per_slice
 from options import Option
-from utils import DataError, make_folder, read_image, run_script, write_nifti, write_text
+from utils import DataError, doing, make_folder, read_image, run_script, write_nifti, write_text
 
 BLOCK = dict(
     checkpoint=Option(None, kind=str),   # None = the newest runs/*/best_model.pt
@@ -98,6 +98,7 @@ def predict_inputs(model, dev, out, cfg):
     make_folder(os.path.join(out, "nifti"))
     xs, recs, names, scores, skipped = [], [], [], [], []
     for path in dataset.list_slices(cfg.input, single_file=True):
+        doing(f"reconstructing {path}")
         img, a, p = read_input(path)
         rec, s, _ = evaluate_split(model, p, dev, cfg.batch_size, on_cuda(cfg.amp, dev)) if len(p["x"]) else (
             p["x"], None, None)
@@ -121,6 +122,7 @@ def write_results(out, x, rec, names, scores, metrics, n_show, masks=None):
 def predict_split(model, dev, out, cfg, ckpt_path, ckpt):
     """A split of the data: reconstructed, scored, and with --save_nifti written back beside the inputs' names."""
     p = dataset.prepare(split_files(ckpt_path, ckpt, cfg.data_dir, cfg.split), None, cfg.skip_bad, desc=cfg.split)
+    doing(f"reconstructing and scoring the {cfg.split} split")
     rec, scores, _ = evaluate_split(model, p, dev, cfg.batch_size, on_cuda(cfg.amp, dev))
     if cfg.save_nifti:
         make_folder(os.path.join(out, "nifti"))

@@ -22,7 +22,7 @@ from job import on_cuda, pick_device
 from metrics import c2st, coarse, density_coverage, median_pairwise_ssim, mirror_ssim, nearest_ssim, quartiles
 from modules import reconstruct
 from options import Option
-from utils import make_folder, read_image, run_script, write_nifti, write_text
+from utils import doing, make_folder, read_image, run_script, write_nifti, write_text
 
 BLOCK = dict(
     prior_checkpoint=Option(None, kind=str),  # None = the newest runs/*/best_prior.pt
@@ -115,9 +115,11 @@ def main(argv):
     splits = dataset.read_splits(os.path.dirname(ckpt["vqvae_checkpoint"]))
 
     t0 = time.time()
+    doing(f"drawing {cfg.n_samples} samples from {path}")
     samples = draw(prior, vqvae, dev, cfg).cpu()
     seconds = time.time() - t0
     real = real_slices(vqvae, splits, ckpt["config"]["cache_dir"], dev, cfg)
+    doing("judging the samples against real slices")
     measures, to_train, nearest = judge(samples, real, cfg)
     result = dict(n_samples=cfg.n_samples, temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed,
                   sampling_seconds=seconds, prior_checkpoint=os.path.abspath(path), **measures)

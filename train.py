@@ -26,7 +26,7 @@ from job import Job, StopRule
 from metrics import entropy, evaluate_split, psnr_torch, ssim_torch, write_per_slice
 from modules import VQVAE, CodePrior, code_counts, reconstruct
 from options import Option
-from utils import DataError, WriteError, run_script, write_csv, write_text
+from utils import DataError, Terminated, WriteError, doing, run_script, write_csv, write_text
 
 AUTO = ("auto", True, False)
 
@@ -207,6 +207,7 @@ class VQVAEStage:
     def finish(self, rows):
         """The best model: its validation figure, then the test split, scored with the reference metric
         (scikit-image). The test split never chooses a model."""
+        doing("scoring the best model on the test split")
         best, ckpt = checkpoints.load_model(self.job.path(self.best_file), self.job.dev, "vqvae")
         self.plot_validation(best, "recon_best.png",
                              f"validation, best epoch {ckpt['epoch']}, SSIM {ckpt['val_ssim']:.4f}")
@@ -249,6 +250,7 @@ class PriorStage:
         job.check_same_data(state, self.data)
         prepared = prepare_splits(job, splits, ["train", "validate"], cfg)
         # encode once with the frozen VQ-VAE; the code grids live on the device
+        doing(f"encoding the training and validation slices with {self.vq_path}")
         codes = {}
         for s in ("train", "validate"):
             _, grids = reconstruct(vqvae, prepared[s]["x"], job.dev, cfg.eval_batch_size, job.amp)
@@ -325,7 +327,7 @@ def train(job, cfg, stage, state):
                                   fused=job.fused_adamw)
     pos = restore(job, state, model, optimizer)
     net = job.wrap(model, cfg.compile)
-    stop = StopRule(job, cfg.time_limit_minutes, pos["elapsed"])
+    stop = StopRule(job, cfg.time_limit_minutes, pos["elapsed"])  # until stop.close(), SIGTERM ends the loop cleanly
     total_steps = stage.n_epochs * len(epoch_plan(job, stage, cfg.seed, 0))
     model.train()
     reason = None
@@ -371,6 +373,7 @@ def train(job, cfg, stage, state):
         if reason == "time":
             job.log(f"time limit of {cfg.time_limit_minutes} min reached in epoch {epoch}")
             break
+    stop.close(reason)
     job.check_ranks_agree(model)
     return None if reason == "signal" else pos["rows"]
 
@@ -450,10 +453,11 @@ def main(argv):
         rows = train(job, cfg, stage, state)
         if rows is not None and job.master:
             stage.finish(rows)
-    except WriteError as e:  # disk full, quota, read-only: say what the run keeps
-        raise WriteError(f"{e}; {checkpoints.kept(job.out)}") from None
+    except (WriteError, Terminated) as e:  # disk full, quota, read-only, or SIGTERM: say what the run keeps
+        raise type(e)(f"{e}; {checkpoints.kept(job.out)}") from None
     finally:
         job.close()
+
 
 if __name__ == "__main__":
     run_script(main)

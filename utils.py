@@ -1,12 +1,13 @@
 """Input and output, each failure one line: NIfTI files read and written, every other file written atomically,
 output folders, progress bars that stay off a batch job's log, and the entry point that turns a DataError into
-`error: ...` with exit status 1."""
+`error: ...` with exit status 1 and a SIGTERM into `stopped: ...` with exit status 143."""
 import contextlib
 import csv
 import glob
 import gzip
 import io
 import os
+import signal
 import sys
 import zlib
 
@@ -25,12 +26,46 @@ class WriteError(DataError):
     any, is left as it was."""
 
 
-def run_script(main):
-    """A script's entry point: main(sys.argv[1:]), any DataError as one `error:` line and exit status 1."""
+class Terminated(BaseException):
+    """SIGTERM (a scheduler's warning before the wall time, or kill) outside the training steps, which stop cleanly
+    themselves (job.StopRule). Raised wherever the script is, so that it ends within seconds; a BaseException, so
+    that no `except Exception` swallows it, while every `finally` and atomic write cleans up on its way out."""
+
+
+_activity = "starting"
+
+
+def doing(what):
+    """Say what the script is doing, for the line a SIGTERM would end it with."""
+    global _activity
+    _activity = what
+
+
+def raise_terminated(*_):
+    raise Terminated(f"SIGTERM while {_activity}; no file was left half-written")
+
+
+def call_main(main, argv):
+    """main(argv) -> its exit status: 0; 1 for a DataError, said as one `error:` line on stderr; 143 for a SIGTERM
+    outside the training steps, said as one `stopped:` line."""
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    doing("starting")
     try:
-        main(sys.argv[1:])
+        main(argv)
+        return 0
     except DataError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Terminated as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_script(main):
+    """A script's entry point: main(sys.argv[1:]), ended as call_main says."""
+    sys.exit(call_main(main, sys.argv[1:]))
 
 
 # ---- reading --------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from phantom import phantom_slice  # noqa: E402
-from utils import DataError  # noqa: E402
+from utils import call_main  # noqa: E402
 
 TINY = ["--n_hiddens=16", "--n_residual_hiddens=8", "--n_residual_layers=1", "--embedding_dim=8",
         "--n_embeddings=32", "--batch_size=4", "--eval_batch_size=16", "--warmup_steps=2", "--cache_dir=None"]
@@ -32,18 +32,16 @@ def pytest_configure(config):
 
 def run(script, *args, cwd):
     """One of the repo's scripts as a user runs it, in folder cwd, but in this process (a new Python would spend
-    seconds importing torch): its main() as its entry point calls it, a DataError becoming the one `error:` line
-    on stderr and exit status 1. Returns what subprocess.run would: returncode, stdout, stderr."""
+    seconds importing torch): its main() through utils.call_main, as its entry point calls it, a DataError becoming
+    the one `error:` line on stderr and exit status 1, a SIGTERM the one `stopped:` line and 143. Returns what
+    subprocess.run would: returncode, stdout, stderr."""
     module = importlib.import_module(script.removesuffix(".py"))
-    out, err, code = io.StringIO(), io.StringIO(), 0
+    out, err = io.StringIO(), io.StringIO()
     here = os.getcwd()
     try:
         os.chdir(cwd)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            module.main(list(args))
-    except DataError as e:
-        err.write(f"error: {e}\n")
-        code = 1
+            code = call_main(module.main, list(args))
     finally:
         os.chdir(here)
     return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
