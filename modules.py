@@ -36,31 +36,38 @@ class ResidualStack(nn.Module):
 
 
 class Encoder(nn.Module):
-    """(N, 1, H, W) -> (N, embedding_dim, H/4, W/4): two stride-2 convolutions, then residual layers."""
+    """(N, 1, H, W) -> (N, embedding_dim, H / 2^n_down, W / 2^n_down): n_down stride-2 convolutions, then residual
+    layers."""
 
-    def __init__(self, n_hiddens, n_residual_hiddens, n_residual_layers, embedding_dim):
+    def __init__(self, n_hiddens, n_residual_hiddens, n_residual_layers, embedding_dim, n_down=2):
         super().__init__()
+        widths = [1, n_hiddens // 2] + [n_hiddens] * (n_down - 1)
+        layers = []
+        for i in range(n_down):
+            layers += [(f"down{i + 1}", nn.Conv2d(widths[i], widths[i + 1], 4, stride=2, padding=1)),
+                       (f"relu{i + 1}", nn.ReLU())]
         self.net = nn.Sequential(OrderedDict(
-            down1=nn.Conv2d(1, n_hiddens // 2, 4, stride=2, padding=1), relu1=nn.ReLU(),
-            down2=nn.Conv2d(n_hiddens // 2, n_hiddens, 4, stride=2, padding=1), relu2=nn.ReLU(),
-            conv=nn.Conv2d(n_hiddens, n_hiddens, 3, padding=1),
-            residual=ResidualStack(n_hiddens, n_residual_hiddens, n_residual_layers),
-            project=nn.Conv2d(n_hiddens, embedding_dim, 1)))
+            layers + [("conv", nn.Conv2d(n_hiddens, n_hiddens, 3, padding=1)),
+                      ("residual", ResidualStack(n_hiddens, n_residual_hiddens, n_residual_layers)),
+                      ("project", nn.Conv2d(n_hiddens, embedding_dim, 1))]))
 
     def forward(self, x):
         return self.net(x)
 
 
 class Decoder(nn.Module):
-    """(N, embedding_dim, H/4, W/4) -> (N, 1, H, W), the mirror of the encoder."""
+    """(N, embedding_dim, H / 2^n_down, W / 2^n_down) -> (N, 1, H, W), the mirror of the encoder."""
 
-    def __init__(self, n_hiddens, n_residual_hiddens, n_residual_layers, embedding_dim):
+    def __init__(self, n_hiddens, n_residual_hiddens, n_residual_layers, embedding_dim, n_down=2):
         super().__init__()
-        self.net = nn.Sequential(OrderedDict(
-            conv=nn.Conv2d(embedding_dim, n_hiddens, 3, padding=1),
-            residual=ResidualStack(n_hiddens, n_residual_hiddens, n_residual_layers),
-            up1=nn.ConvTranspose2d(n_hiddens, n_hiddens // 2, 4, stride=2, padding=1), relu=nn.ReLU(),
-            up2=nn.ConvTranspose2d(n_hiddens // 2, 1, 4, stride=2, padding=1)))
+        widths = [n_hiddens] * (n_down - 1) + [n_hiddens // 2, 1]
+        layers = [("conv", nn.Conv2d(embedding_dim, n_hiddens, 3, padding=1)),
+                  ("residual", ResidualStack(n_hiddens, n_residual_hiddens, n_residual_layers))]
+        for i in range(n_down):
+            layers.append((f"up{i + 1}", nn.ConvTranspose2d(widths[i], widths[i + 1], 4, stride=2, padding=1)))
+            if i < n_down - 1:
+                layers.append((f"relu{i + 1}", nn.ReLU()))
+        self.net = nn.Sequential(OrderedDict(layers))
 
     def forward(self, z):
         return self.net(z)
@@ -139,11 +146,11 @@ def code_counts(idx, n_codes, dtype=torch.float32):
 
 class VQVAE(nn.Module):
     def __init__(self, n_hiddens=128, n_residual_hiddens=32, n_residual_layers=2, embedding_dim=64,
-                 n_embeddings=512, beta=0.25, ema_decay=0.99):
+                 n_embeddings=512, beta=0.25, ema_decay=0.99, n_down=2):
         super().__init__()
-        self.encoder = Encoder(n_hiddens, n_residual_hiddens, n_residual_layers, embedding_dim)
+        self.encoder = Encoder(n_hiddens, n_residual_hiddens, n_residual_layers, embedding_dim, n_down)
         self.quantizer = VectorQuantizer(n_embeddings, embedding_dim, beta, ema_decay)
-        self.decoder = Decoder(n_hiddens, n_residual_hiddens, n_residual_layers, embedding_dim)
+        self.decoder = Decoder(n_hiddens, n_residual_hiddens, n_residual_layers, embedding_dim, n_down)
 
     def forward(self, x):
         """x (N, 1, H, W) in [0, 1] -> (reconstruction, commitment loss, code indices (N, H/4, W/4))."""

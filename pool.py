@@ -39,7 +39,8 @@ def serve(conn):
     until told to stop or the run is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the run handles it
     try:
-        sys.path[:], fn = conn.recv()
+        sys.path[:] = conn.recv()  # before the function, which may live on it
+        fn = conn.recv()
         while (task := conn.recv()) is not None:
             start, chunk = task
             for k, item in enumerate(chunk):
@@ -82,7 +83,8 @@ def _completed(fn, items, workers):
         held[conn].extend(range(start, start + len(chunk)))
         try:
             if first:
-                conn.send((sys.path, fn))
+                conn.send(sys.path)
+                conn.send(fn)
             conn.send((start, chunk))
         except OSError:  # the worker is gone
             died(conn)

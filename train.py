@@ -47,6 +47,7 @@ BLOCK = dict(
     n_residual_layers=Option(2, at_least=0),  # 4 did not beat 2 at equal epochs
     embedding_dim=Option(64, at_least=1),
     n_embeddings=Option(512, at_least=1),
+    n_down=Option(2, choices=(2, 3)),      # stride-2 convolutions: 2 gives a 64x32 grid of codes, 3 a 32x16 grid
     beta=Option(0.25, at_least=0),         # commitment weight
     ema_decay=Option(0.99, at_least=0, below=1),  # codebook moving-average decay
     learning_rate=Option(4e-3, above=0),   # 2e-3 * sqrt(batch_size / 8): rescale it with the batch size
@@ -99,7 +100,7 @@ ORGANS = (3, 4, 5)  # bladder, rectum, prostate: the labels organ_weight weighs
 def vqvae_args(cfg):
     return dict(n_hiddens=cfg.n_hiddens, n_residual_hiddens=cfg.n_residual_hiddens,
                 n_residual_layers=cfg.n_residual_layers, embedding_dim=cfg.embedding_dim,
-                n_embeddings=cfg.n_embeddings, beta=cfg.beta, ema_decay=cfg.ema_decay)
+                n_embeddings=cfg.n_embeddings, beta=cfg.beta, ema_decay=cfg.ema_decay, n_down=cfg.n_down)
 
 
 def vqvae_loss(net, batch, ssim_weight=0.0):

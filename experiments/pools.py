@@ -1,6 +1,7 @@
 """Worker pools measured (EXPERIMENTS.md, Worker pools): the time and peak memory of preparing and of writing the
 study-sized phantom (11,460 + 660 + 540 slices) with the project's pool (pool.py) and with the fork pool it
-replaced (multiprocessing.Pool, fork context, chunks of 16), at 2, 8 and 16 workers.
+replaced (multiprocessing.Pool, fork context, chunks of 16), at 2, 8 and 16 workers; and `--task=receive`, the
+run's side alone: workers that send back a slice-sized result at no cost, so the time is the run's receiving.
 
     python experiments/pools.py                      # every row; writes data/study first if it is not there
     python experiments/pools.py --task=prepare --workers=16 --pool=fork
@@ -20,6 +21,8 @@ import sys
 import threading
 import time
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dataset  # noqa: E402
 import options  # noqa: E402
@@ -29,7 +32,7 @@ from options import Option  # noqa: E402
 from utils import run_script  # noqa: E402
 
 BLOCK = dict(
-    task=Option(None, kind=str, choices=("prepare", "write")),  # None: every task, pool and worker count
+    task=Option(None, kind=str, choices=("prepare", "write", "receive")),  # None: every task, pool and count
     pool=Option(None, kind=str, choices=("project", "fork")),
     workers=Option(None, kind=int, at_least=1),
 )
@@ -92,8 +95,15 @@ def fork_map(fn, items, workers):
         return list(p.imap(fn, items, chunksize=pool.CHUNK))
 
 
+def loaded_slice(_):
+    """What a worker sends back per slice when it prepares data, made at no cost: the run's receiving alone."""
+    return np.zeros((dataset.H, dataset.W), np.float32), 0.0, 1.0, np.zeros((dataset.H, dataset.W), np.uint8)
+
+
 def task_items(task, scratch):
     """The function and items of one task on the study-sized phantom."""
+    if task == "receive":
+        return loaded_slice, list(range(sum(phantom.STUDY_SIZES.values())))
     if task == "prepare":
         files = [f for s in dataset.SPLITS for f in dataset.list_slices(os.path.join(phantom.STUDY_ROOT,
                                                                                        f"keras_slices_{s}"))]
