@@ -14,6 +14,7 @@ import os
 import re
 
 import numpy as np
+from scipy.ndimage import affine_transform
 from skimage.transform import resize
 
 from pool import n_workers, parallel_map
@@ -252,6 +253,20 @@ def prepare(files, cache_dir=None, skip_bad=False, desc="prepare", workers=None)
     if path:
         _write_cache(path, res)
     return res
+
+
+def augment(x, rng, zoom=0.05, shift=8):
+    """Copies of slices x (N, H, W) in [0, 1], each flipped left-right with probability 1/2, zoomed by up to +-zoom
+    and shifted by up to +-shift pixels on each axis (linear interpolation, the border's value outside), one draw per
+    slice: new slices of the same anatomy, for the prior's training grids."""
+    out = np.empty_like(x)
+    centre = (np.array(x.shape[1:]) - 1) / 2
+    for i, s in enumerate(x):
+        scale = 1 + rng.uniform(-zoom, zoom)
+        offset = centre - centre / scale + rng.uniform(-shift, shift, 2)
+        s = s[::-1] if rng.random() < 0.5 else s
+        out[i] = affine_transform(s, np.full(2, 1 / scale), offset=offset, order=1, mode="nearest")
+    return out
 
 
 def batches(n, batch_size, seed, epoch, rank=0, world=1, shuffle=True):

@@ -136,6 +136,28 @@ def plot_samples(out, samples, to_train, nearest, train_x):
               [t for i in range(n) for t in (f"sample {i}", f"nearest train, SSIM {to_train[i]:.3f}")], ncols=4)
 
 
+def plot_qc(path, x, rec, maps, titles):
+    """Columns: the most unusual slices, each above its reconstruction and its anomaly map (0 to the 99.5th
+    percentile of all maps shown)."""
+    plt = pyplot()
+    n = len(x)
+    if not n:
+        return
+    vmax = max(float(np.percentile(maps, 99.5)), 1e-6)
+    fig, axes = plt.subplots(3, n, figsize=(2.6 * n, 5.0), squeeze=False)
+    for i in range(n):
+        for row, (img, cmap, top) in enumerate(((x[i], "gray", 1), (np.clip(rec[i], 0, 1), "gray", 1),
+                                               (maps[i], "inferno", vmax))):
+            axes[row, i].imshow(img.T, cmap=cmap, vmin=0, vmax=top)
+            axes[row, i].axis("off")
+        axes[0, i].set_title(titles[i], fontsize=7)
+    for row, name in enumerate(("slice", "reconstruction", "anomaly map")):
+        axes[row, 0].text(-0.05, 0.5, name, transform=axes[row, 0].transAxes, rotation=90, va="center", ha="right",
+                          fontsize=8)
+    fig.tight_layout()
+    save(fig, path)
+
+
 def plot_phantom(path, slices):
     """Phantom slices beside their label maps, [(title, image, labels)], with a legend (the README's figure)."""
     write_file(path, lambda f: phantom_panels(slices).save(f, format="png", optimize=True))

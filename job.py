@@ -212,8 +212,8 @@ class StopRule:
     utils.Terminated. Under DDP both come from rank 0, shared every SYNC_EVERY steps (reading them back is a host
     sync), so every rank leaves after the same step and follows the same wall-time learning-rate schedule."""
 
-    def __init__(self, job, time_limit_minutes, elapsed):
-        self.job = job
+    def __init__(self, job, time_limit_minutes, elapsed, max_steps=None):
+        self.job, self.max_steps = job, max_steps
         self.limit = time_limit_minutes * 60 if time_limit_minutes else None
         self.t_start = time.time() - elapsed
         self.shared = elapsed / self.limit if self.limit else 0.0  # rank 0's progress, as last shared
@@ -237,8 +237,13 @@ class StopRule:
         """Fraction of the time limit used: this process's clock, or rank 0's under DDP."""
         return self.shared if self.job.ddp else self.used()
 
+    def limit_text(self, reason):
+        return f"time limit of {self.limit / 60:g} min" if reason == "time" else f"limit of {self.max_steps} steps"
+
     def check(self, global_step):
-        """After a step: 'signal', 'time' or None."""
+        """After a step: 'signal', 'time', 'steps' (max_steps reached: the same step on every rank) or None."""
+        if self.max_steps and global_step >= self.max_steps:
+            return "steps"
         used, signalled = self.used(), self.signalled
         if self.job.ddp:
             if global_step % SYNC_EVERY:

@@ -8,6 +8,9 @@ tests. Per-organ scores (where the data has segmentation labels) average the sam
 
 Generation (see README, Generation): the classifier two-sample test with its Wilson interval, diversity, left-right
 symmetry, coverage and the distance of each sample to its nearest training slice.
+
+Quality control (see README, QC): MRQy-style image statistics of one slice, and the detection measures of a score,
+AUROC and average precision (MOOD's metric), defined as scikit-learn defines them.
 """
 import math
 
@@ -15,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from skimage.filters import threshold_triangle
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from dataset import REGIONS
@@ -188,14 +192,19 @@ def median_pairwise_ssim(x):
     return float(s[torch.triu_indices(len(x), len(x), 1).unbind()].median())
 
 
-def density_coverage(real, fake, k=5):
+def density_coverage(real, fake, k=5, patients=None):
     """Density and coverage of Naeem et al. 2020, with SSIM as the similarity: each real slice's neighbourhood
-    reaches as far as its k-th most similar other real slice. Coverage is the share of real slices whose
+    reaches as far as its k-th most similar other real slice, of another patient where patients (a patient per real
+    slice) are given: neighbouring slices of one patient are near-copies, and would otherwise set every reach
+    within the patient, leaving no room for anyone else's slices. Coverage is the share of real slices whose
     neighbourhood holds at least one fake slice (1: no part of the real set is missed); density is how many real
     neighbourhoods hold each fake slice, over k (about 1 where fakes are distributed as the real slices are)."""
     rr = ssim_matrix(real, real)
-    rr.fill_diagonal_(-math.inf)
-    radius = rr.topk(k, dim=1).values[:, -1:]
+    same = torch.eye(len(real), dtype=torch.bool)
+    if patients is not None:
+        p = np.asarray(patients)
+        same = torch.from_numpy(p[:, None] == p[None, :])
+    radius = rr.masked_fill(same, -math.inf).topk(k, dim=1).values[:, -1:]
     inside = ssim_matrix(real, fake) >= radius  # (R, F): fake f lies in real r's neighbourhood
     return dict(coverage=float(inside.any(1).float().mean()), density=float(inside.sum() / (k * len(fake))))
 
@@ -253,3 +262,46 @@ def wilson(k, n, z=1.96):
     p, d = k / n, 1 + z * z / n
     centre, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
     return [centre - half, centre + half]
+
+
+# ---- quality control -----------------------------------------------------------------------------------------
+
+def image_statistics(x):
+    """MRQy-style statistics (Sadri et al. 2020) of one slice x (H, W) in [0, 1], with the foreground (fg) above the
+    triangle threshold (which finds the body against the background's peak: Dice 0.97-0.99 with the phantom's body
+    labels, where Otsu's splits fat from muscle) and the background (bg) below it -> dict: snr = mean(fg) / std(bg); cnr = |mean(fg) - mean(bg)|
+    / sqrt(var(fg) + var(bg)); cv = std(fg) / mean(fg); background = mean(bg) / mean(fg); efc, the entropy focus
+    criterion normalised to [0, 1] (1: every pixel alike; low: energy in few pixels); foreground, fg's share."""
+    x = x.astype(np.float64)
+    fg = x > (threshold_triangle(x) if x.max() > x.min() else x.max())
+    f, b = (x[fg], x[~fg]) if fg.any() and not fg.all() else (x.ravel(), x.ravel())
+    eps = 1e-12
+    n, energy = x.size, np.sqrt((x * x).sum()) + eps
+    efc_max = n / np.sqrt(n) * np.log(1 / np.sqrt(n))
+    efc = float(np.sum(x / energy * np.log(x / energy + eps)) / efc_max)
+    return dict(snr=float(f.mean() / (b.std() + eps)), cnr=float(abs(f.mean() - b.mean()) / np.sqrt(f.var() + b.var()
+                                                                                                    + eps)),
+                cv=float(f.std() / (f.mean() + eps)), background=float(b.mean() / (f.mean() + eps)), efc=efc,
+                foreground=float(fg.mean()))
+
+
+def auroc(labels, scores):
+    """Area under the ROC curve of scores for binary labels (1: positive): the chance that a positive scores above a
+    negative, ties counting half (the Mann-Whitney statistic; scikit-learn's roc_auc_score)."""
+    labels, scores = np.asarray(labels, bool), np.asarray(scores, np.float64)
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[inverse]  # average ranks, 1-based
+    n_pos, n_neg = labels.sum(), (~labels).sum()
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def average_precision(labels, scores):
+    """Average precision of scores for binary labels: the sum over thresholds of precision times the rise in recall,
+    each run of tied scores one threshold (scikit-learn's average_precision_score; MOOD's metric)."""
+    labels, scores = np.asarray(labels, bool).ravel(), np.asarray(scores, np.float64).ravel()
+    order = np.argsort(-scores, kind="stable")
+    s, y = scores[order], labels[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # the last place of each run of tied scores
+    tp = np.cumsum(y)[last]
+    precision, recall = tp / (last + 1), tp / y.sum()
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))

@@ -4,6 +4,7 @@ A 256x128 slice becomes a 64x32 grid of indices into a codebook of n_embeddings 
 CodePrior models that grid autoregressively in 2x2 patches with full causal attention, so that sampled grids
 decode to new slices. Its loss is in nats per code; divided by ln 2 it is bits per code.
 """
+import math
 from collections import OrderedDict
 
 import numpy as np
@@ -325,10 +326,19 @@ class CodePrior(nn.Module):
         return F.cross_entropy(self.logits(codes).reshape(-1, self.n_codes).float(), self.to_tokens(codes).reshape(-1))
 
     @torch.no_grad()
-    def sample(self, n, temperature=1.0, top_k=0, generator=None):
+    def code_bits(self, codes):
+        """codes (B, h, w) -> the bits each code costs under the prior, given what is read before it (B, h, w)."""
+        nats = F.cross_entropy(self.logits(codes).float().permute(0, 3, 1, 2), self.to_tokens(codes), reduction="none")
+        return self.to_grid(nats) / math.log(2)
+
+    @torch.no_grad()
+    def sample(self, n, temperature=1.0, top_k=0, generator=None, given=None, heal_bits=None):
         """Draw n grids (n, h, w): one transformer pass per patch over cached keys and values, then the patch's codes
-        one after another, each from softmax(logits / temperature), over the top_k most likely if top_k > 0."""
+        one after another, each from softmax(logits / temperature), over the top_k most likely if top_k > 0.
+        Healing (Pinaya et al. 2022): with given grids (n, h, w), each given code is kept unless it costs more than
+        heal_bits under the prior, given the codes kept or drawn before it; only those are drawn afresh."""
         dev = self.row_emb.weight.device
+        given = None if given is None else self.to_tokens(given)
         tokens = torch.full((n, self.n_tokens, self.per_patch), self.start, dtype=torch.long, device=dev)
         caches = None
         for t in range(self.n_tokens):
@@ -341,7 +351,11 @@ class CodePrior(nn.Module):
                 x = block(x, cache, t)
             h, drawn = self.ln_f(x)[:, 0], 0
             for j in range(self.per_patch):
-                code = draw_code(self.head(h, j, drawn).float(), temperature, top_k, generator)
+                logits = self.head(h, j, drawn).float()
+                code = draw_code(logits, temperature, top_k, generator)
+                if given is not None:
+                    nats = F.cross_entropy(logits, given[:, t, j], reduction="none")
+                    code = torch.where(nats <= heal_bits * math.log(2), given[:, t, j], code)
                 tokens[:, t, j] = code
                 drawn = drawn + self.drawn_emb(code + j * self.n_codes)
         return self.to_grid(tokens)
@@ -357,14 +371,15 @@ def draw_code(logits, temperature=1.0, top_k=0, generator=None):
 
 
 @torch.no_grad()
-def reconstruct(model, x, device, batch_size=64, amp=False):
-    """x float32 (N, H, W) in [0, 1] (numpy) -> reconstructions (N, H, W) numpy, unclipped, and codes (N, h, w);
-    with amp, under bf16 autocast (as in training on the GPU path)."""
+def reconstruct(model, x, device, batch_size=64, amp=False, decode=True):
+    """x float32 (N, H, W) in [0, 1] (numpy) -> reconstructions (N, H, W) numpy, unclipped (None without decode),
+    and codes (N, h, w); with amp, under bf16 autocast (as in training on the GPU path)."""
     recs, codes, device = [], [], torch.device(device)
     for i in range(0, len(x), batch_size):
         xb = torch.as_tensor(x[i:i + batch_size], device=device)[:, None]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            xh, _, idx = model(xb)
-        recs.append(xh.float()[:, 0].cpu().numpy())
+            zq, _, idx = model.quantizer(model.encoder(xb))
+            if decode:
+                recs.append(model.decoder(zq).float()[:, 0].cpu().numpy())
         codes.append(idx.cpu().numpy())
-    return np.concatenate(recs), np.concatenate(codes)
+    return np.concatenate(recs) if decode else None, np.concatenate(codes)

@@ -615,6 +615,60 @@ def phantom_slice(case: int, week: int, slice_idx: int, n_slices: int, width: in
     return (out, s.lab) if labels else out
 
 
+OTHER_ANATOMIES = ("head", "thorax", "knee")
+
+
+def _head(s):
+    """Head: scalp fat, a dark skull, a bright rim of CSF, mottled brain, two bright lateral ventricles."""
+    s.paint(0, 0, 0.33, 0.41, s.tissue("fat"))
+    s.ring(0, 0.005, 0.305, 0.385, CORTEX, URINE * 0.8, 3.0)                    # skull around the CSF
+    s.paint(0, 0.005, 0.285, 0.365, 450.0 * (1 + 0.15 * s.field(1)))             # brain
+    for side in (-1, 1):
+        s.paint(side * 0.05, -0.03, 0.025, 0.11, URINE, angle=-side * 0.3)         # lateral ventricles
+
+
+def _thorax(s):
+    """Thorax: oval chest with subcutaneous fat and chest wall muscle, dark lungs, the heart anteriorly between
+    them, a vertebral body with the spinal canal behind it, back muscles, the aorta beside the spine."""
+    s.paint(0, 0, 0.82, 0.4, s.tissue("fat"), warp=1.0)
+    s.paint(0, 0.005, 0.76, 0.35, s.muscle(0.0), warp=1.0)
+    for side in (-1, 1):
+        s.paint(side * 0.34, -0.02, 0.3, 0.27, 30.0 * (1 + 0.3 * s.field(1)))     # lungs: air, almost no signal
+        s.paint(side * 0.12, 0.3, 0.1, 0.055, s.muscle(1.57))                     # erector spinae
+    s.paint(0.05, -0.12, 0.19, 0.16, s.tissue("fat"), angle=0.4)                 # pericardial fat
+    s.paint(0.05, -0.12, 0.17, 0.14, 350.0 * (1 + 0.1 * s.field(1)), angle=0.4)  # heart
+    s.ring(0, -0.33, 0.03, 0.02, CORTEX, s.tissue("marrow"), 1.5)                # sternum
+    s.ring(0, 0.2, 0.065, 0.055, CORTEX, s.tissue("marrow"), 1.8)                # vertebral body
+    s.paint(0, 0.29, 0.025, 0.022, URINE)                                        # spinal canal (CSF)
+    s.paint(-0.08, 0.15, 0.03, 0.03, 60.0, warp=0)                               # descending aorta: flow void
+
+
+def _knee(s):
+    """Knee: a round leg of fat and muscle, the two femoral condyles (marrow in cortex), the patella in front with
+    bright joint fluid behind it, and the popliteal fossa's fat and vessels behind."""
+    s.paint(0, 0, 0.3, 0.28, s.tissue("fat"))
+    s.paint(0, 0.03, 0.26, 0.23, s.muscle(1.57))
+    s.paint(0, -0.11, 0.2, 0.05, URINE * 0.9)                                     # joint effusion
+    for side in (-1, 1):
+        s.ring(side * 0.1, 0.0, 0.1, 0.12, CORTEX, s.tissue("marrow"), 1.6)      # femoral condyles
+    s.paint(0, 0.07, 0.025, 0.05, 150.0)                                         # cruciate ligaments in the notch
+    s.ring(0, -0.19, 0.09, 0.035, CORTEX, s.tissue("marrow"), 1.6)               # patella
+    s.paint(0, 0.19, 0.07, 0.05, s.tissue("fat"))                                # popliteal fossa
+    s.paint(-0.02, 0.18, 0.015, 0.015, 60.0, warp=0)                             # popliteal artery: flow void
+    s.paint(0.02, 0.19, 0.018, 0.015, 430.0, warp=0)                             # popliteal vein
+
+
+def other_anatomy(kind, seed=0, width=128):
+    """float32 (256, width) slice of another body part, "head", "thorax" or "knee", drawn like the pelvis (same
+    tissues, textures, coil shading and Rician noise, in the same units): data that is not a pelvis, for tests of
+    slice-quality checks.  Deterministic in (kind, seed)."""
+    case = 1000 + OTHER_ANATOMIES.index(kind)   # a patient of its own: pose, textures and noise level
+    s = Slice(seed, case, 0, 0, 1, width)
+    {"head": _head, "thorax": _thorax, "knee": _knee}[kind](s)
+    _coil_shading_and_bias_field(s)
+    return _rician_noise(s, _rng(seed, case, 0, 0, 1)).astype(np.float32)
+
+
 def _plan(split, n, seed):
     """(case, week, slice, n_slices_in_week) for n slices spread evenly over the split's cases."""
     cases = list(SPLIT_CASES[split])

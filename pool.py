@@ -5,8 +5,7 @@ it inherits nothing from the run: not its SIGTERM handler, not torch, a CUDA con
 multiprocessing.Pool forked its workers from the run: they inherited the run's SIGTERM handler, ignored the
 SIGTERM that Pool.terminate() relies on, and the run waited for them forever. A forkserver would start workers
 clean, but on Python 3.11 it does not preload the run's main module, so every worker imports train.py and with
-it torch again: 1.1 s of CPU and 290 MB per worker, measured. A new process imports only the module of the
-function it runs. One socket per worker, rather than concurrent.futures, says which worker died and which item
+it torch again (1.1 s per worker, measured). A new process imports only the module of the function it runs. One socket per worker, rather than concurrent.futures, says which worker died and which item
 it held, so that a worker killed by the OOM killer or a crash in a decoder ends the run with one line naming
 the file. A pool that has finished is closed and joined; on an error or a signal its workers are terminated,
 which is safe because their work is pure or written atomically. Timings and memory against the fork pool:
@@ -24,7 +23,7 @@ from multiprocessing.connection import Connection, wait
 
 from utils import DataError, progress
 
-MAX_WORKERS = 16  # beyond it the run's own unpickling of results, not the workers, sets the pace (EXPERIMENTS.md)
+MAX_WORKERS = 16  # beyond it the run's own receiving of results, not the workers, sets the pace (EXPERIMENTS.md)
 CHUNK = 16        # consecutive items a worker takes at a time: a phantom worker reuses a patient's texture fields
 
 

@@ -67,21 +67,27 @@ def real_slices(vqvae, splits, cache_dir, dev, cfg):
 
 def judge(samples, real, cfg):
     """The measures of README, Generation: the two-sample test against n_real training reconstructions; density and
-    coverage of half the training patients by the samples beside the same by the other half (the real yardstick);
-    diversity and symmetry beside the real slices'; and each sample's SSIM to its nearest training slice beside the
-    same for validation reconstructions (patients the prior never saw), which no copy of a training slice matches."""
+    coverage of half the training patients by the samples beside the same by the other half (the real yardstick),
+    each reference slice's reach set by other patients' slices; diversity and symmetry beside the real slices'; and
+    each sample's SSIM to its nearest training slice beside the same for validation reconstructions (patients the
+    prior never saw), which no copy of a training slice matches."""
     pick = np.linspace(0, len(real["train"]) - 1, min(cfg.n_real, len(real["train"]))).astype(int)
     compared = real["train"][pick]
-    halves = np.isin(real["patients"], sorted(set(real["patients"]))[::2])
+    patients = np.asarray(real["patients"])
+    halves = np.isin(patients, sorted(set(patients))[::2])
     a, b = real["train"][halves][:cfg.n_real], real["train"][~halves][:cfg.n_real]
-    n, k = min(len(b), len(samples)), min(5, len(a) - 1)  # k: the neighbours that set each real slice's reach
+    # k: the neighbours that set each real slice's reach, of other patients where half a holds more than one
+    by = patients[halves][:cfg.n_real]
+    others = int(min(np.sum(by != p) for p in by))
+    by, k = (by, min(5, others)) if others else (None, min(5, len(a) - 1))
+    n = min(len(b), len(samples))
     pool = coarse(real["train_x"])
     s_samples, nearest = nearest_ssim(coarse(samples), pool)
     s_val, _ = nearest_ssim(coarse(real["validate"]), pool)
     return dict(c2st=c2st(compared, samples, steps=cfg.c2st_steps, seed=cfg.seed),
-                density_coverage=dict(samples=density_coverage(coarse(a), coarse(samples[:n]), k),
-                                      real=density_coverage(coarse(a), coarse(b[:n]), k), n_reference=len(a), n=n,
-                                      k=k),
+                density_coverage=dict(samples=density_coverage(coarse(a), coarse(samples[:n]), k, by),
+                                      real=density_coverage(coarse(a), coarse(b[:n]), k, by), n_reference=len(a),
+                                      n=n, k=k, radii="another patient's slices" if others else "any other slice"),
                 diversity=dict(samples=median_pairwise_ssim(coarse(samples)),
                                real=median_pairwise_ssim(coarse(compared))),
                 symmetry=dict(samples=quartiles(mirror_ssim(samples)), real=quartiles(mirror_ssim(compared))),

@@ -63,6 +63,9 @@ BLOCK = dict(
     prior_n_layers=Option(8, at_least=1),
     prior_n_heads=Option(8, at_least=1),
     prior_dropout=Option(0.1, at_least=0, below=1),
+    prior_weight_decay=Option(0.0, at_least=0),  # AdamW's, on the prior's weight matrices and embeddings
+    prior_augment=Option(0, at_least=0),  # training slices flipped, zoomed and shifted, this many copies of each,
+                                          # encoded by the frozen VQ-VAE as more training grids
     prior_learning_rate=Option(1e-3, above=0),
     prior_batch_size=Option(32, at_least=1),
     prior_n_epochs=Option(100, at_least=1, resumable=True),
@@ -78,6 +81,8 @@ BLOCK = dict(
     channels_last=Option("auto", kind=(str, bool), choices=AUTO, resumable=True),  # the convolutions' layout
     compile=Option(False, resumable=True),  # torch.compile the model
     time_limit_minutes=Option(None, kind=float, above=0, resumable=True),  # stop after the step that crosses it
+    max_steps=Option(None, kind=int, at_least=1, resumable=True),  # stop after this many steps: a budget that is the
+                                                                   # same on any machine
     resume=Option(False, kind=(bool, str), resumable=True),  # True: out_dir, or the newest matching run; or a path
     eval_batch_size=Option(64, at_least=1, resumable=True),
     plot_every=Option(10, at_least=1, resumable=True),  # epochs between redraws of the curves (and at the end)
@@ -174,6 +179,9 @@ class VQVAEStage:
                           [os.path.basename(files[i]).split(".")[0] for i in pick])
         self.job.log(" ".join(f"{s}: {len(p['files'])} slices" for s, p in self.prepared.items()))
 
+    def param_groups(self):
+        return [dict(params=list(self.model.parameters()), weight_decay=0.0)]
+
     def loss(self, net, batch):
         return vqvae_loss(net, batch, self.cfg.ssim_weight)
 
@@ -250,16 +258,10 @@ class PriorStage:
         self.data = dict(vqvae_checkpoint=self.vq_path, train=splits["train"], validate=splits["validate"])
         job.check_same_data(state, self.data)
         prepared = prepare_splits(job, splits, ["train", "validate"], cfg)
-        # encode once with the frozen VQ-VAE; the code grids live on the device
-        doing(f"encoding the training and validation slices with {self.vq_path}")
-        codes = {}
-        for s in ("train", "validate"):
-            _, grids = reconstruct(vqvae, prepared[s]["x"], job.dev, cfg.eval_batch_size, job.amp)
-            codes[s] = torch.from_numpy(grids).to(job.dev)
-        self.x_train, self.codes_val = codes["train"], codes["validate"]
+        self.x_train, self.codes_val = self.encode(vqvae, prepared)
         n_codes = vq_ckpt["model_args"]["n_embeddings"]
         # the baseline: validation codes under the training split's unigram distribution (add-one smoothed)
-        train_counts, val_counts = (code_counts(codes[s], n_codes, torch.long) for s in ("train", "validate"))
+        train_counts, val_counts = (code_counts(c, n_codes, torch.long) for c in (self.x_train, self.codes_val))
         self.unigram = entropy(val_counts, train_counts + 1) / math.log(2)
         train_bits = entropy(train_counts) / math.log(2)
         job.log(f"codes {tuple(self.x_train.shape)}; unigram entropy of train codes {train_bits:.3f} bits, validation "
@@ -269,6 +271,25 @@ class PriorStage:
         self.model = CodePrior(**self.model_args).to(job.dev)
         self.lr, self.warmup, self.batch_size, self.n_epochs = (cfg.prior_learning_rate, cfg.prior_warmup_steps,
                                                                 cfg.prior_batch_size, cfg.prior_n_epochs)
+
+    def encode(self, vqvae, prepared):
+        """The code grids, on the device, of the training slices and of prior_augment augmented copies of them (one
+        copy in memory at a time), and of the validation slices, each encoded once by the frozen VQ-VAE."""
+        cfg, job, rng = self.cfg, self.job, np.random.default_rng(self.cfg.seed)
+        doing(f"encoding the training and validation slices with {self.vq_path}")
+
+        def grids(x):
+            _, codes = reconstruct(vqvae, x, job.dev, cfg.eval_batch_size, job.amp, decode=False)
+            return torch.from_numpy(codes).to(job.dev)
+        x = prepared["train"]["x"]
+        train = torch.cat([grids(x)] + [grids(dataset.augment(x, rng)) for _ in range(cfg.prior_augment)])
+        return train, grids(prepared["validate"]["x"])
+
+    def param_groups(self):
+        """Weight decay on the weight matrices and embeddings, none on biases and norms (as nanoGPT)."""
+        params = list(self.model.parameters())
+        return [dict(params=[p for p in params if p.dim() >= 2], weight_decay=self.cfg.prior_weight_decay),
+                dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
 
     def loss(self, net, codes):
         loss = net(codes)
@@ -324,12 +345,11 @@ def train(job, cfg, stage, state):
     """Train stage.model from the start or from last.pt's position -> the rows of metrics.csv, or None if SIGTERM
     stopped it (last.pt then holds the position inside the epoch, and --resume continues from it)."""
     model, dev = stage.model, job.dev
-    optimizer = torch.optim.AdamW(model.parameters(), lr=stage.lr, betas=(0.9, 0.99), weight_decay=0.0,
-                                  fused=job.fused_adamw)
+    optimizer = torch.optim.AdamW(stage.param_groups(), lr=stage.lr, betas=(0.9, 0.99), fused=job.fused_adamw)
     pos = restore(job, state, model, optimizer)
     net = job.wrap(model, cfg.compile)
-    stop = StopRule(job, cfg.time_limit_minutes, pos["elapsed"])  # until stop.close(), SIGTERM ends the loop cleanly
-    total_steps = stage.n_epochs * len(epoch_plan(job, stage, cfg.seed, 0))
+    stop = StopRule(job, cfg.time_limit_minutes, pos["elapsed"], cfg.max_steps)  # till close(): SIGTERM stops cleanly
+    total_steps = min(stage.n_epochs * len(epoch_plan(job, stage, cfg.seed, 0)), cfg.max_steps or math.inf)
     model.train()
     reason = None
     for epoch in range(pos["epoch"], stage.n_epochs):
@@ -371,8 +391,8 @@ def train(job, cfg, stage, state):
         row = end_epoch(job, cfg, stage, optimizer, pos, epoch, accum, t_epoch)
         save_epoch(job, stage, optimizer, pos, row, last=bool(reason) or epoch + 1 == stage.n_epochs, plot=(
             epoch + 1) % cfg.plot_every == 0, elapsed=stop.elapsed())
-        if reason == "time":
-            job.log(f"time limit of {cfg.time_limit_minutes} min reached in epoch {epoch}")
+        if reason:
+            job.log(f"{stop.limit_text(reason)} reached in epoch {epoch}")
             break
     stop.close(reason)
     job.check_ranks_agree(model)

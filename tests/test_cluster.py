@@ -94,3 +94,12 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(trained, tmp_path):
             cwd=tmp_path)
     assert r.returncode != 0 and "training loss became" in r.stdout + r.stderr, r.stdout + r.stderr
     assert (out / "best_model.pt").read_bytes() == before and epochs(out) == [0, 1]
+
+
+def test_max_steps_stops_at_the_same_step_on_any_machine(tmp_path):
+    root = make_study(tmp_path / "d", per_case=2)
+    out = tmp_path / "run"
+    r = run("train.py", f"--data_dir={root}", f"--out_dir={out}", "--n_epochs=10", "--max_steps=5", *TINY, cwd=tmp_path)
+    assert r.returncode == 0 and "limit of 5 steps reached in epoch 2" in r.stdout, r.stdout + r.stderr
+    rows = list(csv.DictReader(open(out / "metrics.csv")))  # 2 steps an epoch at batch 4: epochs 0, 1 and part of 2
+    assert [int(row["steps"]) for row in rows] == [2, 4, 5] and (out / "test_metrics.json").exists()

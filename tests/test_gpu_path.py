@@ -141,3 +141,18 @@ def test_bench_rows_on_the_gpu_path(tmp_path, monkeypatch, capsys):
         assert row in out, out
     flops = float(out.split("train FLOPs per image")[1].split()[0])
     assert flops > 0
+
+
+def test_the_generation_check_runs_small_on_the_cpu(study, tmp_path):
+    """slurm/generation_check.sh as a GPU node runs it, in a copy of the repo, on a tiny study with tiny models."""
+    import shutil
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns("data", "runs", ".git", ".venv*", "__pycache__", "tests"))
+    env = dict(os.environ, GEN_CHECK_DATA=study, GEN_CHECK_VQ_MINUTES="0.05", GEN_CHECK_PRIOR_MINUTES="0.05",
+               GEN_CHECK_ARGS=" ".join(TINY + [a for a in TINY_PRIOR if not a.startswith("--stage")]),
+               GEN_CHECK_SAMPLE_ARGS="--n_samples=6 --n_real=6 --c2st_steps=2")
+    r = subprocess.run(["bash", str(repo / "slurm" / "generation_check.sh")], cwd=repo, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "no GPU: these are CPU numbers" in r.stdout and "two-sample test accuracy" in r.stdout
+    assert "generation check:" in r.stdout and "coverage" in r.stdout

@@ -2,6 +2,7 @@
 distribution, checkpoints, and the prior stage and sample.py end to end."""
 import json
 import math
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -180,3 +181,31 @@ def test_train_prior_then_sample_end_to_end(trained, tmp_path):
     r = run("sample.py", "--n_samples=6", "--n_real=6", "--top_k=5", "--c2st_steps=2",
             f"--out_dir={tmp_path / 'again'}", cwd=trained.tmp)
     assert np.array_equal(first, nib.load(tmp_path / "again" / "nifti" / "sample_000.nii.gz").get_fdata())  # seeded
+
+
+def test_augmented_copies_are_the_slices_flipped_zoomed_and_shifted():
+    import dataset
+    from phantom import phantom_slice
+    x = np.stack([phantom_slice(c, 0, 4, 8) for c in (4, 9, 17)]).astype(np.float32)
+    x = (x - x.min()) / np.ptp(x)
+    plain = dataset.augment(x, np.random.default_rng(0), zoom=0, shift=0)
+    assert all(np.allclose(p, s) or np.allclose(p, s[::-1]) for p, s in zip(plain, x))  # flipped or not, nothing else
+    a, b = (dataset.augment(x, np.random.default_rng(s)) for s in (1, 1))
+    assert np.array_equal(a, b) and a.shape == x.shape and a.dtype == x.dtype and 0 <= a.min() and a.max() <= 1
+    assert not np.allclose(a, x) and not np.allclose(a, x[:, ::-1])
+
+
+def test_the_prior_trains_on_augmented_grids_with_weight_decay_on_its_matrices(trained, tmp_path):
+    import torch
+
+    import train
+    from conftest import TINY_PRIOR, run
+    r = run("train.py", *TINY_PRIOR, "--prior_n_epochs=1", "--prior_augment=2", "--prior_weight_decay=0.1",
+            f"--vqvae_checkpoint={trained.out / 'best_model.pt'}", f"--out_dir={tmp_path / 'p'}", cwd=trained.tmp)
+    assert r.returncode == 0 and "codes (48, 64, 32)" in r.stdout, r.stdout + r.stderr  # 16 slices and 2 copies
+    stage = train.PriorStage.__new__(train.PriorStage)
+    stage.cfg, stage.model = SimpleNamespace(prior_weight_decay=0.1), tiny_prior()
+    decayed, plain = stage.param_groups()
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert {id(p) for p in decayed["params"]} == {id(p) for p in stage.model.parameters() if p.dim() == 2}
+    assert torch.load(tmp_path / "p" / "best_prior.pt", weights_only=True)["config"]["prior_augment"] == 2

@@ -1,0 +1,190 @@
+"""The QC benchmark (EXPERIMENTS.md, Quality control): slices of a phantom the models never saw, half left clean and
+half corrupted one kind at a time (artefacts.py) at a mild and a moderate severity; each score's sample-level AUROC
+and average precision per kind, the anomaly maps' pixel-level average precision on the local blob, and the label
+check's AUROC on label files that do not fit their images.
+
+    python phantom.py --out_dir=data/qc-bench --seed=7 --mix=0.5 --n_test=400
+    python experiments/qc_benchmark.py --checkpoint=runs/qs/best_model.pt --prior_checkpoint=runs/qs-prior/best_prior.pt
+
+Each score is a combination as qc.py makes it (the largest robust z of its members against the VQ-VAE run's
+validation slices); the rows compare every member set, the simple statistics alone being the baseline. Writes
+<out_dir>/benchmark.json and prints the tables.
+"""
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from skimage.transform import resize
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import artefacts  # noqa: E402
+import dataset  # noqa: E402
+import options  # noqa: E402
+import qc  # noqa: E402
+from job import pick_device  # noqa: E402
+from metrics import auroc, average_precision  # noqa: E402
+from options import Option  # noqa: E402
+from utils import make_folder, read_nifti, run_script, write_text  # noqa: E402
+
+BLOCK = dict(
+    checkpoint=Option(None, kind=str),
+    prior_checkpoint=Option(None, kind=str),
+    data_dir=Option("data/qc-bench"),
+    split=Option("test", choices=dataset.SPLITS),
+    seed=Option(0),
+    heal_bits=Option(None, kind=float, above=0),  # also the healed map (Pinaya et al.): codes above these bits redrawn
+    out_dir=Option(None, kind=str),               # None = <checkpoint folder>/qc_benchmark
+    device=Option("auto"),
+    batch_size=Option(64, at_least=1),
+)
+SETS = dict(combined=None,  # every score qc.py computes
+            learned=("recon_ssim", "recon_mse", "recon_local", "prior_bits", "prior_local"),
+            reconstruction=("recon_ssim", "recon_mse", "recon_local"),
+            prior=("prior_bits", "prior_local"),
+            statistics=qc.STATISTICS)
+LABEL_FAULTS = ("another slice's", "flipped left-right", "an organ where the image shows none")
+
+
+def normalised(images):
+    """Raw slices in intensity units (each its own shape) -> float32 (N, H, W) in [0, 1] at the study's size, as
+    dataset.prepare gives them."""
+    return np.stack([dataset.normalise(a)[0] for a in images])
+
+
+def resized(masks):
+    """Label or blob masks (each its own shape) -> (N, H, W) at the study's size, nearest-neighbour."""
+    return np.stack([m if m.shape == (dataset.H, dataset.W) else
+                     resize(m, (dataset.H, dataset.W), order=0, anti_aliasing=False, preserve_range=True)
+                     for m in masks]).astype(masks[0].dtype)
+
+
+def set_z(scores, ref, names):
+    """The combined z of one member set (all of the scores for None)."""
+    names = [k for k in scores if names is None or k in names]
+    return qc.combined({k: scores[k] for k in names}, ref)
+
+
+def organ_where_none(labels, rng):
+    """Labels with a bladder-sized ellipse of a drawn organ label (3-5) placed inside the body where the labels hold
+    only body: an organ the image does not show."""
+    lab = labels.copy()
+    inside = np.argwhere(lab == 1)
+    cy, cx = inside[rng.integers(len(inside))]
+    yy, xx = np.mgrid[:lab.shape[0], :lab.shape[1]]
+    ry, rx = rng.uniform(10, 20), rng.uniform(6, 12)
+    lab[(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1) & (lab == 1)] = rng.integers(3, 6)
+    return lab
+
+
+def main(argv):
+    cfg = options.parse(BLOCK, argv)
+    dev = pick_device(cfg.device)
+    qcfg = options.parse(qc.BLOCK, [f"--checkpoint={cfg.checkpoint}"] + (
+        [f"--prior_checkpoint={cfg.prior_checkpoint}"] if cfg.prior_checkpoint else []))
+    path, ckpt, vqvae, prior = qc.load_models(qcfg, dev)
+    out = cfg.out_dir or os.path.join(os.path.dirname(path), "qc_benchmark")
+    make_folder(out)
+    t0 = time.time()
+    calibration, label_model = qc.calibration_of(os.path.dirname(path), vqvae, prior, dev, qcfg,
+                                                 ckpt["config"]["cache_dir"])
+    ref = calibration["scores"]
+    files = dataset.find_splits(cfg.data_dir)[cfg.split]
+    masks = dataset.find_masks(files)
+    raw = [read_nifti(f) for f in files]
+    labels = [read_nifti(m).astype(np.uint8) for m in masks]
+    keep = [i for i, a in enumerate(raw) if a.max() > a.min()]  # constant slices are skipped, as everywhere
+    rng = np.random.default_rng(cfg.seed)
+    order = rng.permutation(keep)
+    clean_idx, bad_idx = order[:len(order) // 2], order[len(order) // 2:]
+
+    def scores_of(images, lab=None, maps_too=False):
+        """The scores of raw slices (with label_fit where labels are given), and their maps and normalised slices."""
+        x = normalised(images)
+        s, maps, _ = qc.slice_scores(x, vqvae, prior, dev, cfg.batch_size, False, None if lab is None else resized(lab),
+                                     label_model)
+        return (s, maps, x) if maps_too else s
+
+    clean = scores_of([raw[i] for i in clean_idx])
+    results = dict(n_clean=len(clean_idx), n_corrupted=len(bad_idx), kinds={}, labels={}, maps={})
+    for kind in artefacts.KINDS:
+        for severity in artefacts.SEVERITIES:
+            made = [artefacts.corrupt(kind, raw[i], np.random.default_rng([cfg.seed, int(i)]), severity)
+                    for i in bad_idx]
+            bad, maps, x = scores_of([a for a, _ in made], maps_too=True)
+            y = np.r_[np.zeros(len(clean_idx)), np.ones(len(bad_idx))]
+            results["kinds"][f"{kind} {severity}"] = {
+                name: dict(auroc=auroc(y, np.r_[set_z(clean, ref, names), set_z(bad, ref, names)]),
+                           ap=average_precision(y, np.r_[set_z(clean, ref, names), set_z(bad, ref, names)]))
+                for name, names in SETS.items() if all(k in clean for k in (names or ()))}
+            if kind == "blob":
+                results["maps"][severity] = blob_maps(resized([b for _, b in made]), maps, x, vqvae, prior, dev, cfg)
+            print(kind, severity, {k: round(v["auroc"], 3) for k, v in results["kinds"][f"{kind} {severity}"].items()},
+                  flush=True)
+    results["labels"] = label_results(raw, labels, clean_idx, scores_of, ref, rng)
+    results["flagged_clean"] = float(np.mean(qc.percentile_and_flag(set_z(clean, ref, None), calibration, 0.01)[1]))
+    results["seconds"] = time.time() - t0
+    write_text(os.path.join(out, "benchmark.json"), json.dumps(results, indent=1))
+    report(results)
+
+
+def blob_maps(truth, maps, x, vqvae, prior, dev, cfg):
+    """Pixel-level average precision of each map on the blob slices: the reconstruction error (qc.py's), the prior's
+    per-code surprise spread over its pixels, and with heal_bits the error against the healed reconstruction."""
+    out = dict(reconstruction=average_precision(truth, maps))
+    if prior is not None:
+        from modules import reconstruct
+        _, codes = reconstruct(vqvae, x, dev, cfg.batch_size, decode=False)
+        codes = torch.from_numpy(codes).to(dev)
+        bits = torch.cat([prior.code_bits(c).float().cpu() for c in codes.split(cfg.batch_size)])
+        scale = x.shape[1] // bits.shape[1]
+        surprise = bits.repeat_interleave(scale, 1).repeat_interleave(scale, 2).numpy()
+        out["prior surprise"] = average_precision(truth, surprise)
+        out["reconstruction x surprise"] = average_precision(truth, maps * surprise)
+        if cfg.heal_bits:
+            gen = torch.Generator(device=dev).manual_seed(cfg.seed)
+            healed = torch.cat([vqvae.decode(prior.sample(len(c), 1.0, 0, gen, given=c, heal_bits=cfg.heal_bits))
+                                for c in codes.split(cfg.batch_size)]).float().clamp(0, 1)[:, 0].cpu().numpy()
+            out["healed"] = average_precision(truth, np.abs(x - healed))
+    return out
+
+
+def label_results(raw, labels, clean_idx, scores_of, ref, rng):
+    """AUROC and AP of label_fit: the clean slices with their own labels against the same slices with labels that do
+    not fit, one fault at a time."""
+    if "label_fit" not in ref:
+        return {}
+    images = [raw[i] for i in clean_idx]
+    own = [labels[i] for i in clean_idx]
+    clean = scores_of(images, own)
+    faults = {LABEL_FAULTS[0]: [own[(k + len(own) // 2) % len(own)] for k in range(len(own))],
+              LABEL_FAULTS[1]: [m[::-1] for m in own],
+              LABEL_FAULTS[2]: [organ_where_none(m, rng) for m in own]}
+    y = np.r_[np.zeros(len(own)), np.ones(len(own))]
+    out = {}
+    for name, wrong in faults.items():
+        s = scores_of(images, wrong)
+        z = np.r_[clean["label_fit"] - ref["label_fit"]["median"], s["label_fit"] - ref["label_fit"]["median"]]
+        out[name] = dict(auroc=auroc(y, z), ap=average_precision(y, z))
+    return out
+
+
+def report(r):
+    sets = list(next(iter(r["kinds"].values())))
+    print(f"\n{r['n_clean']} clean and {r['n_corrupted']} corrupted slices per row; AUROC / AP; "
+          f"clean slices flagged at fpr 0.01: {r['flagged_clean']:.3f}; {r['seconds']:.0f} s\n")
+    print("| kind | severity | " + " | ".join(sets) + " |\n|" + " --- |" * (2 + len(sets)))
+    for key, row in r["kinds"].items():
+        kind, severity = key.rsplit(" ", 1)
+        print(f"| {kind} | {severity} | " + " | ".join(f"{row[s]['auroc']:.3f} / {row[s]['ap']:.3f}" for s in sets)
+              + " |")
+    for severity, maps in r["maps"].items():
+        print(f"\nblob {severity}, pixel-level AP: " + ", ".join(f"{k} {v:.3f}" for k, v in maps.items()))
+    for name, v in r["labels"].items():
+        print(f"labels: {name}: AUROC {v['auroc']:.3f}, AP {v['ap']:.3f}")
+
+
+if __name__ == "__main__":
+    run_script(main)

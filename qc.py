@@ -1,0 +1,220 @@
+"""Find the slices that do not belong: a score for every slice of a study and a map of where it is unusual, from the
+VQ-VAE (which reconstructs what it has seen) and, where given, its prior (which knows how likely each code is).
+
+    python qc.py                                        # the newest VQ-VAE run's test split
+    python qc.py --input=scans/                         # any NIfTI files or folder; 3D volumes slice by slice
+    python qc.py --data_dir=/path/keras_slices_data --split=train --prior_checkpoint=runs/X/best_prior.pt
+
+Each slice gets the scores below, each turned into a robust z-score against the VQ-VAE run's own validation slices
+(its median and spread there); `z` is the largest of them, `score` the percentage of validation slices whose `z`
+is lower, and `flagged` marks a z above that of all but `fpr` of the validation slices. Writes to
+<run>/qc_<split> (or qc_input): qc.csv (a row per slice, the input's order), qc.png (the most unusual slices beside
+their reconstructions and maps), calibration.json and, with --save_nifti, nifti/<name>: the map in the input's
+shape and affine. Scores and how they were chosen: README, QC, and EXPERIMENTS.md, Quality control.
+"""
+import json
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import checkpoints
+import dataset
+import figures
+import options
+from job import on_cuda, pick_device
+from metrics import box_mean, image_statistics, ssim_torch
+from modules import reconstruct
+from options import Option
+from predict import read_input, split_files, to_file_shape
+from utils import DataError, doing, make_folder, read_image, run_script, write_csv, write_nifti, write_text
+
+BLOCK = dict(
+    checkpoint=Option(None, kind=str),        # the VQ-VAE; None = the newest runs/*/best_model.pt
+    prior_checkpoint=Option(None, kind=str),  # its prior, for the bits-per-code scores; None = without them
+    data_dir=Option(None, kind=str),          # course-layout root; None = the data the VQ-VAE was trained on
+    split=Option("test", choices=dataset.SPLITS),
+    input=Option(None, kind=str),             # a NIfTI file or a folder of them, in any layout
+    out_dir=Option(None, kind=str),           # None = <checkpoint folder>/qc_<split>, or qc_input with --input
+    fpr=Option(0.01, above=0, below=1),       # share of the validation slices that `flagged` may mark
+    n_show=Option(8, at_least=0),             # the most unusual slices in qc.png
+    save_nifti=Option(False),                 # write each slice's anomaly map as NIfTI (input's shape and affine)
+    skip_bad=Option(False),                   # True: leave bad files out and list them instead of stopping
+    device=Option("auto"),
+    amp=Option("auto", kind=(str, bool), choices=("auto", True, False)),  # bf16 autocast; auto = on CUDA
+    batch_size=Option(64, at_least=1),
+)
+
+# each score and the way it departs from normal slices: "up" (only high values are unusual) or "both"
+DIRECTIONS = dict(recon_ssim="up", recon_mse="up", recon_local="up", prior_bits="up", prior_local="up",
+                  snr="both", cnr="both", cv="both", background="both", efc="both", foreground="both", label_fit="up")
+STATISTICS = ("snr", "cnr", "cv", "background", "efc", "foreground")  # the simple baseline (MRQy-style)
+LOCAL = 15  # pixels: the window over which a local reconstruction error is averaged (a lesion-sized patch)
+
+
+# ---- scores ----------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def slice_scores(x, vqvae, prior, dev, batch_size=64, amp=False, masks=None, label_model=None):
+    """Slices x (N, H, W) in [0, 1] -> ({score: (N,)}, anomaly maps (N, H, W), reconstructions (N, H, W)).
+
+    recon_ssim, 1 - SSIM of the reconstruction; recon_mse, its mean squared error; recon_local, the largest mean
+    absolute error over a LOCAL x LOCAL window, where the error concentrates; with a prior, prior_bits, the mean
+    bits per code, and prior_local, their largest mean over 3 x 3 codes; the MRQy-style STATISTICS; with labels and
+    a label model, label_fit. The map is the absolute reconstruction error averaged over 5 x 5 pixels."""
+    rec, codes = reconstruct(vqvae, x, dev, batch_size, amp)
+    xt, rt = torch.from_numpy(x)[:, None], torch.from_numpy(rec).clamp(0, 1)[:, None]
+    err = (xt - rt).abs()
+    out = dict(recon_ssim=(1 - ssim_torch(rt, xt)).numpy(), recon_mse=(err ** 2).mean((1, 2, 3)).numpy(),
+               recon_local=box_mean(err, LOCAL).amax((1, 2, 3)).numpy())
+    if prior is not None:
+        bits = torch.cat([prior.code_bits(torch.from_numpy(c).to(dev)).float().cpu()
+                          for c in np.array_split(codes, max(1, math.ceil(len(codes) / batch_size)))])
+        out.update(prior_bits=bits.mean((1, 2)).numpy(), prior_local=box_mean(bits[:, None], 3).amax((1, 2, 3)).numpy())
+    stats = [image_statistics(s) for s in x]
+    out.update({k: np.array([s[k] for s in stats]) for k in STATISTICS})
+    if masks is not None and label_model is not None:
+        out["label_fit"] = label_fit(x, masks, label_model)
+    maps = F.pad(box_mean(err, 5), (2, 2, 2, 2), mode="replicate")[:, 0].numpy()
+    return out, maps, rec
+
+
+BINS = 32  # intensity bins of the label model
+
+
+def fit_label_model(x, masks):
+    """For each label 0-5, the distribution of its pixels' intensities (BINS bins of [0, 1], add-one smoothed) over
+    slices x (N, H, W) and their labels: how the organs look in the data the VQ-VAE was validated on."""
+    bins = np.minimum((x * BINS).astype(int), BINS - 1)
+    counts = np.ones((len(dataset.LABELS), BINS))
+    np.add.at(counts, (masks.ravel(), bins.ravel()), 1)
+    return counts / counts.sum(1, keepdims=True)
+
+
+def label_fit(x, masks, model):
+    """Mean over a slice's pixels of -log p(intensity bin | its label) under the label model: labels that do not fit
+    their image (another slice's, flipped, organs where the image shows none) put pixels in unlikely bins."""
+    bins = np.minimum((x * BINS).astype(int), BINS - 1)
+    return -np.log(model[masks, bins]).mean((1, 2))
+
+
+# ---- calibration: against the VQ-VAE run's own validation slices ------------------------------------------------
+
+def calibrate(scores):
+    """Each score's median and spread (1.4826 x the median absolute deviation) over the validation slices, and the
+    validation slices' own z, against which the combined score is read."""
+    ref = {k: dict(median=float(np.median(v)), spread=float(max(1.4826 * np.median(np.abs(v - np.median(v))),
+                                                                1e-6 * max(abs(float(np.median(v))), 1e-6))))
+           for k, v in scores.items()}
+    return dict(scores=ref, z=np.sort(combined(scores, ref)).tolist())
+
+
+def combined(scores, ref):
+    """The largest robust z-score over the scores, each counted in the direction in which it is unusual."""
+    zs = []
+    for k, v in scores.items():
+        z = (v - ref[k]["median"]) / ref[k]["spread"]
+        zs.append(np.abs(z) if DIRECTIONS[k] == "both" else z)
+    return np.max(zs, axis=0)
+
+
+def percentile_and_flag(z, calibration, fpr):
+    """(the percentage of validation slices whose z is lower, flagged: z above all but fpr of them)."""
+    ref = np.asarray(calibration["z"])
+    threshold = np.quantile(ref, 1 - fpr, method="higher")
+    return 100 * np.searchsorted(ref, z, side="left") / len(ref), z > threshold
+
+
+# ---- the run -----------------------------------------------------------------------------------------------------
+
+def load_models(cfg, dev):
+    path = checkpoints.find(cfg.checkpoint, "runs/*/best_model.pt")
+    vqvae, ckpt = checkpoints.load_model(path, dev, "vqvae")
+    prior = None
+    if cfg.prior_checkpoint:
+        prior, pckpt = checkpoints.load_model(cfg.prior_checkpoint, dev, "prior")
+        if os.path.abspath(pckpt["vqvae_checkpoint"]) != os.path.abspath(path):
+            raise DataError(f"{cfg.prior_checkpoint}: a prior of {pckpt['vqvae_checkpoint']}'s codes, not of {path}'s")
+    return path, ckpt, vqvae, prior
+
+
+def inputs(cfg, path, ckpt):
+    """The slices to check: {x, files (a name per slice), index (its place in a volume, or None), masks, skipped,
+    sources (the file of each slice), bad}."""
+    if not cfg.input:
+        p = dataset.prepare(split_files(path, ckpt, cfg.data_dir, cfg.split), None, cfg.skip_bad, desc=cfg.split)
+        return dict(p, index=[None] * len(p["x"]), sources=p["files"])
+    xs, names, index, sources, skipped = [], [], [], [], []
+    for f in dataset.list_slices(cfg.input, single_file=True):
+        try:
+            _, a, p = read_input(f)
+        except DataError as e:
+            if not cfg.skip_bad:
+                raise
+            skipped.append(str(e))
+            continue
+        volume = a.ndim == 3 and a.shape[2] > 1
+        xs.append(p["x"])
+        names += p["files"]
+        index += [k if volume else None for k in p["index"]]
+        sources += [f] * len(p["files"])
+        skipped += p["skipped"]
+    if not names:
+        raise DataError(f"{cfg.input}: no slice to check ({len(skipped)} skipped)")
+    return dict(x=np.concatenate(xs), files=names, index=index, sources=sources, masks=None, skipped=skipped)
+
+
+def calibration_of(run_folder, vqvae, prior, dev, cfg, cache_dir):
+    """The calibration on the run's validation split, and the label model where that split has labels."""
+    doing("scoring the validation slices for calibration")
+    val = dataset.prepare(dataset.read_splits(run_folder)["validate"], cache_dir, True, desc="validate")
+    label_model = None if val["masks"] is None else fit_label_model(val["x"], val["masks"])
+    scores, _, _ = slice_scores(val["x"], vqvae, prior, dev, cfg.batch_size, on_cuda(cfg.amp, dev), val["masks"],
+                                label_model)
+    return calibrate(scores), label_model
+
+
+def write_maps(out, p, maps):
+    """Each source file's maps as NIfTI under out/nifti, in its shape and affine (volumes slice by slice)."""
+    make_folder(os.path.join(out, "nifti"))
+    for src in dict.fromkeys(p["sources"]):
+        img, a = read_image(src)
+        vol = np.zeros(a.shape[:2] + (int(np.prod(a.shape[2:])),), np.float32)
+        for i in (i for i, s in enumerate(p["sources"]) if s == src):
+            vol[:, :, p["index"][i] or 0] = to_file_shape(maps[i], vol.shape[:2])
+        write_nifti(os.path.join(out, "nifti", os.path.basename(src)), vol.reshape(a.shape), img.affine)
+
+
+def main(argv):
+    cfg = options.parse(BLOCK, argv)
+    dev = pick_device(cfg.device)
+    path, ckpt, vqvae, prior = load_models(cfg, dev)
+    out = cfg.out_dir or os.path.join(os.path.dirname(path), f"qc_{'input' if cfg.input else cfg.split}")
+    make_folder(out)
+    calibration, label_model = calibration_of(os.path.dirname(path), vqvae, prior, dev, cfg,
+                                              ckpt["config"]["cache_dir"])
+    p = inputs(cfg, path, ckpt)
+    doing(f"scoring {len(p['x'])} slices")
+    scores, maps, rec = slice_scores(p["x"], vqvae, prior, dev, cfg.batch_size, on_cuda(cfg.amp, dev),
+                                     p.get("masks"), label_model)
+    z = combined(scores, calibration["scores"])
+    score, flagged = percentile_and_flag(z, calibration, cfg.fpr)
+    write_text(os.path.join(out, "calibration.json"), json.dumps(dict(calibration, checkpoint=os.path.abspath(path),
+                                                                      prior_checkpoint=cfg.prior_checkpoint), indent=1))
+    write_csv(os.path.join(out, "qc.csv"), ["file", "slice", *scores, "z", "score", "flagged"],
+              [[os.path.basename(p["sources"][i]), "" if p["index"][i] is None else p["index"][i],
+                *(f"{v[i]:.6g}" for v in scores.values()), f"{z[i]:.4g}", f"{score[i]:.2f}", int(flagged[i])]
+               for i in range(len(z))])
+    top = np.argsort(-z)[:cfg.n_show]
+    figures.plot_qc(os.path.join(out, "qc.png"), p["x"][top], rec[top], maps[top],
+                    [f"{p['files'][i]}\nz {z[i]:.1f}, score {score[i]:.0f}" for i in top])
+    if cfg.save_nifti:
+        write_maps(out, p, maps)
+    print(f"{len(z)} slices, {int(flagged.sum())} flagged at a validation false-positive rate of {cfg.fpr:g} "
+          f"({len(p['skipped'])} skipped) -> {out}")
+
+
+if __name__ == "__main__":
+    run_script(main)

@@ -1,0 +1,202 @@
+"""Quality control: the detection measures against brute force, the image statistics, the calibration's false-positive
+rate, the scores' order on planted faults with a tiny model, and qc.py end to end with its one-line refusals."""
+import csv
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import artefacts
+import metrics
+import qc
+from conftest import run, write_slice
+from test_misuse import one_error_line
+
+
+# ---- measures --------------------------------------------------------------------------------------------------
+
+def brute_auroc(y, s):
+    pos, neg = s[y == 1], s[y == 0]
+    return np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
+
+
+def brute_ap(y, s):
+    total = 0.0
+    for t in np.unique(s):  # every distinct score is a threshold; recall rises only where positives enter
+        above = s >= t
+        precision, recall = (y[above] == 1).mean(), (y[above] == 1).sum() / (y == 1).sum()
+        below = s > t
+        recall_before = (y[below] == 1).sum() / (y == 1).sum()
+        total += (recall - recall_before) * precision
+    return total
+
+
+def test_auroc_and_average_precision_against_brute_force_and_known_values():
+    assert metrics.auroc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.75)  # scikit-learn's examples
+    assert metrics.average_precision([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.8333333)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        y = rng.integers(0, 2, 60)
+        y[:2] = [0, 1]
+        s = np.round(rng.normal(size=60) + y * rng.uniform(0, 2), 1)  # rounding makes ties
+        assert metrics.auroc(y, s) == pytest.approx(brute_auroc(y, s))
+        assert metrics.average_precision(y, s) == pytest.approx(brute_ap(y, s))
+    assert metrics.auroc([0, 1], [1.0, 1.0]) == 0.5 and metrics.auroc([0, 1], [0.0, 1.0]) == 1.0
+
+
+def test_image_statistics_see_noise_and_an_empty_slice():
+    from phantom import phantom_slice
+    img = phantom_slice(17, 0, 4, 8)
+    clean = metrics.image_statistics((img - img.min()) / np.ptp(img))
+    noisy_img = artefacts.noise(img, np.random.default_rng(0), "moderate")
+    noisy = metrics.image_statistics((noisy_img - noisy_img.min()) / np.ptp(noisy_img))
+    assert 0.4 < clean["foreground"] < 0.9 and noisy["snr"] < clean["snr"] and noisy["background"] > clean["background"]
+    empty = artefacts.noise_only(img, np.random.default_rng(0), "moderate")
+    e = metrics.image_statistics((empty - empty.min()) / np.ptp(empty))
+    assert e["snr"] < clean["snr"] and e["foreground"] < 0.2 * clean["foreground"] and e["efc"] > clean["efc"]
+    assert 0 <= e["efc"] <= 1 and 0 <= clean["efc"] <= 1
+
+
+# ---- calibration ---------------------------------------------------------------------------------------------
+
+def test_flagged_rate_on_new_clean_slices_is_within_its_nominal_rate():
+    rng = np.random.default_rng(1)
+
+    def clean(n):  # three scores of normal slices, each with its own scale and skew
+        return dict(recon_mse=rng.lognormal(-5, 0.4, n), prior_bits=rng.normal(4, 0.2, n), snr=rng.gamma(5, 2, n))
+    calibration = qc.calibrate(clean(2000))
+    for fpr in (0.01, 0.05):
+        fresh = clean(20000)
+        _, flagged = qc.percentile_and_flag(qc.combined(fresh, calibration["scores"]), calibration, fpr)
+        # the threshold is set on 2000 slices: its own error is about sqrt(fpr / 2000)
+        assert abs(flagged.mean() - fpr) < 3 * np.sqrt(fpr / 2000) + 3 * np.sqrt(fpr / 20000), (fpr, flagged.mean())
+    score, _ = qc.percentile_and_flag(np.array([-1e9, 1e9]), calibration, 0.01)
+    assert score.tolist() == [0.0, 100.0]
+
+
+def test_a_score_counts_in_its_direction():
+    ref = {k: dict(median=0.0, spread=1.0) for k in ("recon_mse", "snr")}
+    z = qc.combined(dict(recon_mse=np.array([-3.0, 0.0]), snr=np.array([0.0, -3.0])), ref)
+    assert z.tolist() == [0.0, 3.0]  # a low error is not unusual; an SNR far below normal is
+
+
+# ---- the scores on planted faults, with a tiny model --------------------------------------------------------
+
+def mini_slices(n, rng):
+    """Small slices (n, 64, 32) that a tiny model learns in seconds: a body ellipse holding two brighter organs,
+    with a little noise."""
+    yy, xx = np.mgrid[:64, :32]
+    out = []
+    for _ in range(n):
+        a, b = rng.uniform(22, 28), rng.uniform(10, 13)
+        img = 0.5 * (((yy - 32) / a) ** 2 + ((xx - 16) / b) ** 2 < 1)
+        for cy in (24, 40):
+            r = rng.uniform(4, 6)
+            img = np.where((yy - cy + rng.uniform(-2, 2)) ** 2 + (xx - 16) ** 2 < r * r, 0.9, img)
+        out.append(np.clip(img + rng.normal(0, 0.02, img.shape), 0, 1))
+    return np.stack(out).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny VQ-VAE and prior trained on mini_slices: 150 steps each."""
+    import torch
+
+    import train
+    from modules import VQVAE, CodePrior, reconstruct
+    x = torch.from_numpy(mini_slices(64, np.random.default_rng(0)))[:, None]
+    torch.manual_seed(0)
+    vqvae = VQVAE(n_hiddens=16, n_residual_hiddens=8, n_residual_layers=1, embedding_dim=8, n_embeddings=32)
+    prior = CodePrior(32, (16, 8), 2, 32, 2, 2)
+    opt = torch.optim.Adam(vqvae.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss, _ = train.vqvae_loss(vqvae, x[torch.randint(0, len(x), (16,))], 0.1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    codes = torch.from_numpy(reconstruct(vqvae.eval(), x[:, 0].numpy(), "cpu")[1])
+    opt = torch.optim.Adam(prior.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss = prior(codes[torch.randint(0, len(codes), (16,))])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return vqvae, prior.eval()
+
+
+def test_scores_are_ordered_as_they_should_be_on_planted_faults(tiny):
+    vqvae, prior = tiny
+    clean = mini_slices(16, np.random.default_rng(1))
+    blob = clean.copy()
+    blob[:, 30:36, 13:19] = 0  # a dark lesion between the organs
+    white = np.random.default_rng(2).random(clean.shape).astype(np.float32)
+    empty = np.clip(np.random.default_rng(3).normal(0.05, 0.02, clean.shape), 0, 1).astype(np.float32)
+    s_clean, maps, _ = qc.slice_scores(clean, vqvae, prior, "cpu")
+    for fault, raised in ((blob, ("recon_local", "prior_local")),  # local: the whole-slice SSIM barely moves
+                          (white, ("recon_mse", "recon_ssim", "prior_bits")),
+                          (empty, ("background", "efc", "prior_bits"))):  # no body: only background
+        s, _, _ = qc.slice_scores(fault, vqvae, prior, "cpu")
+        for name in raised:  # each faulty slice above its clean twin
+            assert (s[name] > s_clean[name]).all(), name
+    assert set(s_clean) == {*qc.STATISTICS, "recon_ssim", "recon_mse", "recon_local", "prior_bits", "prior_local"}
+    assert maps.shape == clean.shape and (maps >= 0).all()
+    _, blob_maps, _ = qc.slice_scores(blob, vqvae, None, "cpu")
+    mask = np.zeros(blob.shape, bool)
+    mask[:, 30:36, 13:19] = True
+    assert metrics.average_precision(mask, blob_maps) > 5 * mask.mean()  # the map finds the lesion, far above chance
+
+
+def test_the_label_model_sees_labels_that_do_not_fit(trained):
+    import dataset
+    p = dataset.prepare(dataset.find_splits(trained.root)["train"])
+    model = qc.fit_label_model(p["x"], p["masks"])
+    fits = qc.label_fit(p["x"], p["masks"], model)
+    shuffled = qc.label_fit(p["x"], np.roll(p["masks"], 5, axis=0), model)  # another slice's labels
+    flipped = qc.label_fit(p["x"], p["masks"][:, :, ::-1], model)          # anterior and posterior swapped
+    assert np.median(shuffled) > np.median(fits) and (flipped > fits).mean() > 0.8
+
+
+# ---- qc.py end to end --------------------------------------------------------------------------------------------
+
+def test_qc_on_a_split_and_on_a_volume(trained, tmp_path):
+    out = tmp_path / "qc"
+    r = run("qc.py", f"--checkpoint={trained.out / 'best_model.pt'}",
+            f"--prior_checkpoint={trained.prior / 'best_prior.pt'}", "--split=validate", f"--out_dir={out}", "--n_show=3",
+            cwd=trained.tmp)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = list(csv.DictReader(open(out / "qc.csv")))
+    assert len(rows) == 8 and {"recon_mse", "prior_bits", "snr", "label_fit", "z", "score", "flagged"} <= set(rows[0])
+    assert sum(int(r["flagged"]) for r in rows) == 0  # the calibration's own slices: none above its threshold
+    assert (out / "qc.png").exists() and (out / "calibration.json").exists()
+    from phantom import phantom_slice
+    vol = np.stack([phantom_slice(40, 0, k, 8) for k in (3, 4, 5)], -1)  # a 3D volume, slice by slice
+    affine = np.diag([0.5, 0.5, 2.0, 1.0])
+    write_slice(tmp_path / "vol.nii.gz", vol.astype(np.float32), affine)
+    r = run("qc.py", f"--checkpoint={trained.out / 'best_model.pt'}", f"--input={tmp_path / 'vol.nii.gz'}",
+            f"--out_dir={tmp_path / 'v'}", "--save_nifti", cwd=trained.tmp)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "v" / "qc.csv")))
+    assert [r["slice"] for r in rows] == [str(k) for k in range(vol.shape[2])] and "prior_bits" not in rows[0]
+    saved = nib.load(tmp_path / "v" / "nifti" / "vol.nii.gz")
+    assert saved.shape == vol.shape and np.allclose(saved.affine, affine) and saved.get_fdata().max() > 0
+
+
+def test_qc_refuses_bad_input_in_one_line(trained, tmp_path):
+    ckpt = f"--checkpoint={trained.out / 'best_model.pt'}"
+    one_error_line(run("qc.py", ckpt, f"--input={tmp_path / 'missing'}", cwd=trained.tmp),
+                   "missing: file or folder not found")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.nii.gz").write_bytes(b"not a nifti file")
+    one_error_line(run("qc.py", ckpt, f"--input={tmp_path / 'bad'}", cwd=trained.tmp), "x.nii.gz", "not a readable NIfTI")
+    one_error_line(run("qc.py", ckpt, "--fpr=1.5", cwd=trained.tmp), "--fpr=1.5 must be")
+    other = tmp_path / "other"
+    shutil.copytree(trained.out, other)
+    one_error_line(run("qc.py", f"--checkpoint={other / 'best_model.pt'}",
+                       f"--prior_checkpoint={trained.prior / 'best_prior.pt'}", cwd=trained.tmp), "a prior of")
+    good = tmp_path / "bad" / "y.nii.gz"
+    write_slice(good, np.random.default_rng(0).random((256, 128)).astype(np.float32))
+    r = run("qc.py", ckpt, f"--input={tmp_path / 'bad'}", "--skip_bad=True", f"--out_dir={tmp_path / 'o'}",
+            cwd=trained.tmp)
+    assert r.returncode == 0 and "1 skipped" in r.stdout, r.stderr[-2000:]
+    assert [row["file"] for row in csv.DictReader(open(tmp_path / "o" / "qc.csv"))] == ["y.nii.gz"]
