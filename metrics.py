@@ -268,10 +268,12 @@ def wilson(k, n, z=1.96):
 
 def image_statistics(x):
     """MRQy-style statistics (Sadri et al. 2020) of one slice x (H, W) in [0, 1], with the foreground (fg) above the
-    triangle threshold (which finds the body against the background's peak: Dice 0.97-0.99 with the phantom's body
-    labels, where Otsu's splits fat from muscle) and the background (bg) below it -> dict: snr = mean(fg) / std(bg); cnr = |mean(fg) - mean(bg)|
-    / sqrt(var(fg) + var(bg)); cv = std(fg) / mean(fg); background = mean(bg) / mean(fg); efc, the entropy focus
-    criterion normalised to [0, 1] (1: every pixel alike; low: energy in few pixels); foreground, fg's share."""
+    triangle threshold (which finds the body against the background's peak: Dice 0.97-0.99 with the phantom's
+    body labels, where Otsu's splits fat from muscle) and the background (bg) below it -> dict: snr = mean(fg) /
+    std(bg); cnr = |mean(fg) - mean(bg)| / sqrt(var(fg) + var(bg)); cv = std(fg) / mean(fg); background =
+    mean(bg) / mean(fg); efc, the entropy focus criterion normalised to [0, 1] (1: every pixel alike; low: energy
+    in few pixels); foreground, fg's share; saturation, the share of fg at the slice's maximum (within 1% of the
+    range): a plateau where a receiver clipped."""
     x = x.astype(np.float64)
     fg = x > (threshold_triangle(x) if x.max() > x.min() else x.max())
     f, b = (x[fg], x[~fg]) if fg.any() and not fg.all() else (x.ravel(), x.ravel())
@@ -282,7 +284,7 @@ def image_statistics(x):
     return dict(snr=float(f.mean() / (b.std() + eps)), cnr=float(abs(f.mean() - b.mean()) / np.sqrt(f.var() + b.var()
                                                                                                     + eps)),
                 cv=float(f.std() / (f.mean() + eps)), background=float(b.mean() / (f.mean() + eps)), efc=efc,
-                foreground=float(fg.mean()))
+                foreground=float(fg.mean()), saturation=float(np.mean(f >= x.max() - 0.01 * (x.max() - x.min()))))
 
 
 def auroc(labels, scores):

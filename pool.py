@@ -5,10 +5,11 @@ it inherits nothing from the run: not its SIGTERM handler, not torch, a CUDA con
 multiprocessing.Pool forked its workers from the run: they inherited the run's SIGTERM handler, ignored the
 SIGTERM that Pool.terminate() relies on, and the run waited for them forever. A forkserver would start workers
 clean, but on Python 3.11 it does not preload the run's main module, so every worker imports train.py and with
-it torch again (1.1 s per worker, measured). A new process imports only the module of the function it runs. One socket per worker, rather than concurrent.futures, says which worker died and which item
-it held, so that a worker killed by the OOM killer or a crash in a decoder ends the run with one line naming
-the file. A pool that has finished is closed and joined; on an error or a signal its workers are terminated,
-which is safe because their work is pure or written atomically. Timings and memory against the fork pool:
+it torch again (1.1 s per worker, measured). A new process imports only the module of the function it runs.
+One socket per worker, rather than concurrent.futures, says which worker died and which item it held, so that
+a worker killed by the OOM killer or a crash in a decoder ends the run with one line naming the file. A pool
+that has finished is closed and joined; on an error or a signal its workers are terminated, which is safe
+because their work is pure or written atomically. Timings and memory against the fork pool:
 EXPERIMENTS.md, Worker pools (`python experiments/pools.py`).
 """
 import collections
@@ -139,8 +140,8 @@ def importable(fn):
 
 def parallel_map(fn, items, workers, names, desc="", show=True):
     """[fn(item) for item in items] in `workers` processes (in this one for workers <= 1), with a progress bar.
-    fn must be a module-level function (a worker imports it). A worker that dies ends the map with one DataError naming the item it
-    held, names[i]."""
+    fn must be a module-level function (a worker imports it). A worker that dies ends the map with one DataError
+    naming the item it held, names[i]."""
     if workers <= 1 or len(items) <= 1:
         return [fn(item) for item in progress(items, desc, len(items), show)]
     fn = importable(fn)

@@ -5,15 +5,14 @@ VQ-VAE (which reconstructs what it has seen) and, where given, its prior (which 
     python qc.py --input=scans/                         # any NIfTI files or folder; 3D volumes slice by slice
     python qc.py --data_dir=/path/keras_slices_data --split=train --prior_checkpoint=runs/X/best_prior.pt
 
-Each slice gets the scores below, each turned into a robust z-score against the VQ-VAE run's own validation slices
-(its median and spread there); `z` is the largest of them, `score` the percentage of validation slices whose `z`
+Each slice gets the scores below, each read as a robust z-score against the VQ-VAE run's own validation slices (its
+median and spread there); `z` combines them (combined()), `score` is the percentage of validation slices whose `z`
 is lower, and `flagged` marks a z above that of all but `fpr` of the validation slices. Writes to
 <run>/qc_<split> (or qc_input): qc.csv (a row per slice, the input's order), qc.png (the most unusual slices beside
 their reconstructions and maps), calibration.json and, with --save_nifti, nifti/<name>: the map in the input's
 shape and affine. Scores and how they were chosen: README, QC, and EXPERIMENTS.md, Quality control.
 """
 import json
-import math
 import os
 
 import numpy as np
@@ -25,7 +24,7 @@ import dataset
 import figures
 import options
 from job import on_cuda, pick_device
-from metrics import box_mean, image_statistics, ssim_torch
+from metrics import MIN_REGION_PIXELS, box_mean, image_statistics, ssim_torch
 from modules import reconstruct
 from options import Option
 from predict import read_input, split_files, to_file_shape
@@ -40,6 +39,8 @@ BLOCK = dict(
     out_dir=Option(None, kind=str),           # None = <checkpoint folder>/qc_<split>, or qc_input with --input
     fpr=Option(0.01, above=0, below=1),       # share of the validation slices that `flagged` may mark
     n_show=Option(8, at_least=0),             # the most unusual slices in qc.png
+    heal_bits=Option(None, kind=float, above=0),  # with a prior: the map against the slice healed of codes above
+                                                  # these bits (slow on a CPU: about 1 s a slice); None = bits map
     save_nifti=Option(False),                 # write each slice's anomaly map as NIfTI (input's shape and affine)
     skip_bad=Option(False),                   # True: leave bad files out and list them instead of stopping
     device=Option("auto"),
@@ -47,38 +48,61 @@ BLOCK = dict(
     batch_size=Option(64, at_least=1),
 )
 
-# each score and the way it departs from normal slices: "up" (only high values are unusual) or "both"
-DIRECTIONS = dict(recon_ssim="up", recon_mse="up", recon_local="up", prior_bits="up", prior_local="up",
-                  snr="both", cnr="both", cv="both", background="both", efc="both", foreground="both", label_fit="up")
-STATISTICS = ("snr", "cnr", "cv", "background", "efc", "foreground")  # the simple baseline (MRQy-style)
+# each score and the way it departs from normal slices: "up" (only high values are unusual) or "both". A
+# reconstruction error far below normal is unusual too: a blurred or empty slice is easy to reconstruct.
+DIRECTIONS = dict(recon_ssim="both", recon_mse="both", recon_local="both", prior_bits="up", prior_local="up",
+                  snr="both", cnr="both", cv="both", background="both", efc="both", foreground="both",
+                  saturation="up", label_fit="up")
+STATISTICS = ("snr", "cnr", "cv", "background", "efc", "foreground", "saturation")  # the baseline (MRQy-style)
+GROUPS = dict(reconstruction=("recon_ssim", "recon_mse", "recon_local"), prior=("prior_bits", "prior_local"),
+              statistics=STATISTICS, labels=("label_fit",))
 LOCAL = 15  # pixels: the window over which a local reconstruction error is averaged (a lesion-sized patch)
 
 
 # ---- scores ----------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def slice_scores(x, vqvae, prior, dev, batch_size=64, amp=False, masks=None, label_model=None):
+def slice_scores(x, vqvae, prior, dev, batch_size=64, amp=False, masks=None, label_model=None, heal_bits=None):
     """Slices x (N, H, W) in [0, 1] -> ({score: (N,)}, anomaly maps (N, H, W), reconstructions (N, H, W)).
 
     recon_ssim, 1 - SSIM of the reconstruction; recon_mse, its mean squared error; recon_local, the largest mean
     absolute error over a LOCAL x LOCAL window, where the error concentrates; with a prior, prior_bits, the mean
     bits per code, and prior_local, their largest mean over 3 x 3 codes; the MRQy-style STATISTICS; with labels and
-    a label model, label_fit. The map is the absolute reconstruction error averaged over 5 x 5 pixels."""
+    a label model, label_fit. The map: with a prior, each code's bits spread over its pixels (or with heal_bits the
+    error against the healed reconstruction); without one, the reconstruction error (EXPERIMENTS.md: the prior's
+    maps find a lesion three to seven times better)."""
     rec, codes = reconstruct(vqvae, x, dev, batch_size, amp)
     xt, rt = torch.from_numpy(x)[:, None], torch.from_numpy(rec).clamp(0, 1)[:, None]
     err = (xt - rt).abs()
     out = dict(recon_ssim=(1 - ssim_torch(rt, xt)).numpy(), recon_mse=(err ** 2).mean((1, 2, 3)).numpy(),
                recon_local=box_mean(err, LOCAL).amax((1, 2, 3)).numpy())
+    maps = smoothed(err)
     if prior is not None:
-        bits = torch.cat([prior.code_bits(torch.from_numpy(c).to(dev)).float().cpu()
-                          for c in np.array_split(codes, max(1, math.ceil(len(codes) / batch_size)))])
+        codes = torch.from_numpy(codes).to(dev)
+        bits = torch.cat([prior.code_bits(c).float().cpu() for c in codes.split(batch_size)])
         out.update(prior_bits=bits.mean((1, 2)).numpy(), prior_local=box_mean(bits[:, None], 3).amax((1, 2, 3)).numpy())
+        scale = x.shape[1] // bits.shape[1]
+        maps = bits.repeat_interleave(scale, 1).repeat_interleave(scale, 2).numpy()
+        if heal_bits:
+            maps = smoothed((xt - healed(vqvae, prior, codes, heal_bits, batch_size)[:, None]).abs())
     stats = [image_statistics(s) for s in x]
     out.update({k: np.array([s[k] for s in stats]) for k in STATISTICS})
     if masks is not None and label_model is not None:
         out["label_fit"] = label_fit(x, masks, label_model)
-    maps = F.pad(box_mean(err, 5), (2, 2, 2, 2), mode="replicate")[:, 0].numpy()
     return out, maps, rec
+
+
+def smoothed(err):
+    """An error map (N, 1, H, W) averaged over 5 x 5 pixels -> (N, H, W) numpy."""
+    return F.pad(box_mean(err, 5), (2, 2, 2, 2), mode="replicate")[:, 0].numpy()
+
+
+def healed(vqvae, prior, codes, heal_bits, batch_size, seed=0):
+    """The slices as the VQ-VAE decodes their codes once the prior has redrawn each code that costs more than
+    heal_bits given the ones before it (Pinaya et al. 2022) -> (N, H, W) tensor in [0, 1]."""
+    gen = torch.Generator(device=codes.device).manual_seed(seed)
+    return torch.cat([vqvae.decode(prior.sample(len(c), 1.0, 0, gen, given=c, heal_bits=heal_bits)).float()
+                      for c in codes.split(batch_size)]).clamp(0, 1)[:, 0].cpu()
 
 
 BINS = 32  # intensity bins of the label model
@@ -94,35 +118,46 @@ def fit_label_model(x, masks):
 
 
 def label_fit(x, masks, model):
-    """Mean over a slice's pixels of -log p(intensity bin | its label) under the label model: labels that do not fit
-    their image (another slice's, flipped, organs where the image shows none) put pixels in unlikely bins."""
+    """-log p(intensity bin | its label) under the label model, averaged over each label's pixels, then over the
+    labels a slice holds (MIN_REGION_PIXELS or more), so that a small organ counts as much as the body: labels that
+    do not fit their image (another slice's, flipped, an organ where the image shows none) put pixels in unlikely
+    bins."""
     bins = np.minimum((x * BINS).astype(int), BINS - 1)
-    return -np.log(model[masks, bins]).mean((1, 2))
+    nll = -np.log(model[masks, bins])
+    return np.array([np.mean([n[m == v].mean() for v in np.unique(m) if (m == v).sum() >= MIN_REGION_PIXELS])
+                     for n, m in zip(nll, masks)])
 
 
 # ---- calibration: against the VQ-VAE run's own validation slices ------------------------------------------------
 
-def calibrate(scores):
-    """Each score's median and spread (1.4826 x the median absolute deviation) over the validation slices, and the
-    validation slices' own z, against which the combined score is read."""
-    ref = {k: dict(median=float(np.median(v)), spread=float(max(1.4826 * np.median(np.abs(v - np.median(v))),
-                                                                1e-6 * max(abs(float(np.median(v))), 1e-6))))
-           for k, v in scores.items()}
-    return dict(scores=ref, z=np.sort(combined(scores, ref)).tolist())
+def robust_z(v, ref):
+    """How many spreads of the reference values (1.4826 x their median absolute deviation, as a standard deviation
+    for normal data, robust to the few odd slices any split holds) v lies above their median."""
+    median = np.median(ref)
+    spread = 1.4826 * np.median(np.abs(ref - median))
+    return (v - median) / max(spread, 1e-6 * max(abs(median), 1e-6))
 
 
-def combined(scores, ref):
-    """The largest robust z-score over the scores, each counted in the direction in which it is unusual."""
-    zs = []
-    for k, v in scores.items():
-        z = (v - ref[k]["median"]) / ref[k]["spread"]
-        zs.append(np.abs(z) if DIRECTIONS[k] == "both" else z)
-    return np.max(zs, axis=0)
+def combined(scores, validation):
+    """The combined z of slices' scores against the validation slices' (each {score: (N,)}): within each family of
+    scores (GROUPS), the largest robust z, each score counted in the direction in which it is unusual; the family's
+    largest, itself a robust z against the same over the validation slices, so that seven statistics count no more
+    than two prior scores; and the largest over the families."""
+    def family(s, names):
+        zs = [robust_z(s[k], validation[k]) for k in names]
+        return np.max([np.abs(z) if DIRECTIONS[k] == "both" else z for k, z in zip(names, zs)], axis=0)
+    out = []
+    for names in GROUPS.values():
+        names = [k for k in names if k in scores]
+        if names:
+            out.append(robust_z(family(scores, names), family(validation, names)))
+    return np.max(out, axis=0)
 
 
-def percentile_and_flag(z, calibration, fpr):
-    """(the percentage of validation slices whose z is lower, flagged: z above all but fpr of them)."""
-    ref = np.asarray(calibration["z"])
+def percentile_and_flag(z, validation, fpr, names):
+    """(the percentage of validation slices whose combined z, over the same scores `names`, is lower; flagged: z
+    above all but fpr of them)."""
+    ref = np.sort(combined({k: validation[k] for k in names}, validation))
     threshold = np.quantile(ref, 1 - fpr, method="higher")
     return 100 * np.searchsorted(ref, z, side="left") / len(ref), z > threshold
 
@@ -167,13 +202,14 @@ def inputs(cfg, path, ckpt):
 
 
 def calibration_of(run_folder, vqvae, prior, dev, cfg, cache_dir):
-    """The calibration on the run's validation split, and the label model where that split has labels."""
+    """The scores of the run's validation slices, against which every slice is read, and the label model where
+    that split has labels."""
     doing("scoring the validation slices for calibration")
     val = dataset.prepare(dataset.read_splits(run_folder)["validate"], cache_dir, True, desc="validate")
     label_model = None if val["masks"] is None else fit_label_model(val["x"], val["masks"])
     scores, _, _ = slice_scores(val["x"], vqvae, prior, dev, cfg.batch_size, on_cuda(cfg.amp, dev), val["masks"],
                                 label_model)
-    return calibrate(scores), label_model
+    return scores, label_model
 
 
 def write_maps(out, p, maps):
@@ -193,16 +229,17 @@ def main(argv):
     path, ckpt, vqvae, prior = load_models(cfg, dev)
     out = cfg.out_dir or os.path.join(os.path.dirname(path), f"qc_{'input' if cfg.input else cfg.split}")
     make_folder(out)
-    calibration, label_model = calibration_of(os.path.dirname(path), vqvae, prior, dev, cfg,
-                                              ckpt["config"]["cache_dir"])
+    validation, label_model = calibration_of(os.path.dirname(path), vqvae, prior, dev, cfg,
+                                             ckpt["config"]["cache_dir"])
     p = inputs(cfg, path, ckpt)
     doing(f"scoring {len(p['x'])} slices")
     scores, maps, rec = slice_scores(p["x"], vqvae, prior, dev, cfg.batch_size, on_cuda(cfg.amp, dev),
-                                     p.get("masks"), label_model)
-    z = combined(scores, calibration["scores"])
-    score, flagged = percentile_and_flag(z, calibration, cfg.fpr)
-    write_text(os.path.join(out, "calibration.json"), json.dumps(dict(calibration, checkpoint=os.path.abspath(path),
-                                                                      prior_checkpoint=cfg.prior_checkpoint), indent=1))
+                                     p.get("masks"), label_model, cfg.heal_bits)
+    z = combined(scores, validation)
+    score, flagged = percentile_and_flag(z, validation, cfg.fpr, list(scores))
+    write_text(os.path.join(out, "calibration.json"), json.dumps(dict(
+        validation={k: v.tolist() for k, v in validation.items()}, checkpoint=os.path.abspath(path),
+        prior_checkpoint=cfg.prior_checkpoint), indent=1))
     write_csv(os.path.join(out, "qc.csv"), ["file", "slice", *scores, "z", "score", "flagged"],
               [[os.path.basename(p["sources"][i]), "" if p["index"][i] is None else p["index"][i],
                 *(f"{v[i]:.6g}" for v in scores.values()), f"{z[i]:.4g}", f"{score[i]:.2f}", int(flagged[i])]

@@ -140,8 +140,8 @@ def main(argv):
         return one(cfg.task, cfg.pool, cfg.workers)
     phantom.ensure_demo(phantom.STUDY_ROOT, phantom.STUDY_SIZES)
     print(f"{len(os.sched_getaffinity(0))} CPUs; each row in a new process")
-    print("| task | pool | workers | items | seconds | peak PSS, MB | peak summed RSS, MB |\n| --- | --- | --- | --- | --- "
-          "| --- | --- |", flush=True)
+    print("| task | pool | workers | items | seconds | peak PSS, MB | peak summed RSS, MB |\n"
+          "| --- | --- | --- | --- | --- | --- | --- |", flush=True)
     for task, kind, workers in itertools.product(("prepare", "write"), ("fork", "project"), (2, 8, 16)):
         if (cfg.task or task) == task and (cfg.pool or kind) == kind and (cfg.workers or workers) == workers:
             subprocess.run([sys.executable, os.path.abspath(__file__), f"--task={task}", f"--pool={kind}",

@@ -16,7 +16,6 @@ import sys
 import time
 
 import numpy as np
-import torch
 from skimage.transform import resize
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -27,7 +26,7 @@ import qc  # noqa: E402
 from job import pick_device  # noqa: E402
 from metrics import auroc, average_precision  # noqa: E402
 from options import Option  # noqa: E402
-from utils import make_folder, read_nifti, run_script, write_text  # noqa: E402
+from utils import make_folder, read_nifti, run_script, write_file, write_text  # noqa: E402
 
 BLOCK = dict(
     checkpoint=Option(None, kind=str),
@@ -40,7 +39,7 @@ BLOCK = dict(
     device=Option("auto"),
     batch_size=Option(64, at_least=1),
 )
-SETS = dict(combined=None,  # every score qc.py computes
+SETS = dict(combined=None,  # every score qc.py computes (but label_fit, which has its own rows)
             learned=("recon_ssim", "recon_mse", "recon_local", "prior_bits", "prior_local"),
             reconstruction=("recon_ssim", "recon_mse", "recon_local"),
             prior=("prior_bits", "prior_local"),
@@ -61,17 +60,16 @@ def resized(masks):
                      for m in masks]).astype(masks[0].dtype)
 
 
-def set_z(scores, ref, names):
+def set_z(scores, validation, names):
     """The combined z of one member set (all of the scores for None)."""
-    names = [k for k in scores if names is None or k in names]
-    return qc.combined({k: scores[k] for k in names}, ref)
+    return qc.combined({k: v for k, v in scores.items() if names is None or k in names}, validation)
 
 
 def organ_where_none(labels, rng):
     """Labels with a bladder-sized ellipse of a drawn organ label (3-5) placed inside the body where the labels hold
     only body: an organ the image does not show."""
     lab = labels.copy()
-    inside = np.argwhere(lab == 1)
+    inside = np.argwhere(lab == 1) if (lab == 1).any() else np.argwhere(lab >= 0)  # a slice past the body: anywhere
     cy, cx = inside[rng.integers(len(inside))]
     yy, xx = np.mgrid[:lab.shape[0], :lab.shape[1]]
     ry, rx = rng.uniform(10, 20), rng.uniform(6, 12)
@@ -88,9 +86,7 @@ def main(argv):
     out = cfg.out_dir or os.path.join(os.path.dirname(path), "qc_benchmark")
     make_folder(out)
     t0 = time.time()
-    calibration, label_model = qc.calibration_of(os.path.dirname(path), vqvae, prior, dev, qcfg,
-                                                 ckpt["config"]["cache_dir"])
-    ref = calibration["scores"]
+    ref, label_model = qc.calibration_of(os.path.dirname(path), vqvae, prior, dev, qcfg, ckpt["config"]["cache_dir"])
     files = dataset.find_splits(cfg.data_dir)[cfg.split]
     masks = dataset.find_masks(files)
     raw = [read_nifti(f) for f in files]
@@ -109,45 +105,43 @@ def main(argv):
 
     clean = scores_of([raw[i] for i in clean_idx])
     results = dict(n_clean=len(clean_idx), n_corrupted=len(bad_idx), kinds={}, labels={}, maps={})
+    every = {f"clean {k}": v for k, v in clean.items()}  # each slice's scores, to compare combinations afterwards
     for kind in artefacts.KINDS:
         for severity in artefacts.SEVERITIES:
             made = [artefacts.corrupt(kind, raw[i], np.random.default_rng([cfg.seed, int(i)]), severity)
                     for i in bad_idx]
-            bad, maps, x = scores_of([a for a, _ in made], maps_too=True)
+            bad, _, x = scores_of([a for a, _ in made], maps_too=True)
+            every.update({f"{kind} {severity} {k}": v for k, v in bad.items()})
             y = np.r_[np.zeros(len(clean_idx)), np.ones(len(bad_idx))]
             results["kinds"][f"{kind} {severity}"] = {
                 name: dict(auroc=auroc(y, np.r_[set_z(clean, ref, names), set_z(bad, ref, names)]),
                            ap=average_precision(y, np.r_[set_z(clean, ref, names), set_z(bad, ref, names)]))
                 for name, names in SETS.items() if all(k in clean for k in (names or ()))}
             if kind == "blob":
-                results["maps"][severity] = blob_maps(resized([b for _, b in made]), maps, x, vqvae, prior, dev, cfg)
+                results["maps"][severity] = blob_maps(resized([b for _, b in made]), x, vqvae, prior, dev, cfg)
             print(kind, severity, {k: round(v["auroc"], 3) for k, v in results["kinds"][f"{kind} {severity}"].items()},
                   flush=True)
     results["labels"] = label_results(raw, labels, clean_idx, scores_of, ref, rng)
-    results["flagged_clean"] = float(np.mean(qc.percentile_and_flag(set_z(clean, ref, None), calibration, 0.01)[1]))
+    _, flagged = qc.percentile_and_flag(set_z(clean, ref, None), ref, 0.01, list(clean))
+    results["flagged_clean"] = float(np.mean(flagged))
     results["seconds"] = time.time() - t0
     write_text(os.path.join(out, "benchmark.json"), json.dumps(results, indent=1))
+    every.update({f"validation {k}": v for k, v in ref.items()})
+    write_file(os.path.join(out, "scores.npz"), lambda f: np.savez_compressed(f, **every))
     report(results)
 
 
-def blob_maps(truth, maps, x, vqvae, prior, dev, cfg):
-    """Pixel-level average precision of each map on the blob slices: the reconstruction error (qc.py's), the prior's
-    per-code surprise spread over its pixels, and with heal_bits the error against the healed reconstruction."""
-    out = dict(reconstruction=average_precision(truth, maps))
+def blob_maps(truth, x, vqvae, prior, dev, cfg):
+    """Pixel-level average precision on the blob slices of each map: the reconstruction error, and with a prior each
+    code's bits spread over its pixels (qc.py's) and, with heal_bits, the error against the healed slice."""
+    _, error_map, _ = qc.slice_scores(x, vqvae, None, dev, cfg.batch_size)
+    out = dict(reconstruction=average_precision(truth, error_map))
     if prior is not None:
-        from modules import reconstruct
-        _, codes = reconstruct(vqvae, x, dev, cfg.batch_size, decode=False)
-        codes = torch.from_numpy(codes).to(dev)
-        bits = torch.cat([prior.code_bits(c).float().cpu() for c in codes.split(cfg.batch_size)])
-        scale = x.shape[1] // bits.shape[1]
-        surprise = bits.repeat_interleave(scale, 1).repeat_interleave(scale, 2).numpy()
-        out["prior surprise"] = average_precision(truth, surprise)
-        out["reconstruction x surprise"] = average_precision(truth, maps * surprise)
+        _, bits_map, _ = qc.slice_scores(x, vqvae, prior, dev, cfg.batch_size)
+        out["prior bits"] = average_precision(truth, bits_map)
         if cfg.heal_bits:
-            gen = torch.Generator(device=dev).manual_seed(cfg.seed)
-            healed = torch.cat([vqvae.decode(prior.sample(len(c), 1.0, 0, gen, given=c, heal_bits=cfg.heal_bits))
-                                for c in codes.split(cfg.batch_size)]).float().clamp(0, 1)[:, 0].cpu().numpy()
-            out["healed"] = average_precision(truth, np.abs(x - healed))
+            _, healed_map, _ = qc.slice_scores(x, vqvae, prior, dev, cfg.batch_size, heal_bits=cfg.heal_bits)
+            out[f"healed ({cfg.heal_bits:g} bits)"] = average_precision(truth, healed_map)
     return out
 
 
@@ -166,7 +160,7 @@ def label_results(raw, labels, clean_idx, scores_of, ref, rng):
     out = {}
     for name, wrong in faults.items():
         s = scores_of(images, wrong)
-        z = np.r_[clean["label_fit"] - ref["label_fit"]["median"], s["label_fit"] - ref["label_fit"]["median"]]
+        z = np.r_[clean["label_fit"], s["label_fit"]]
         out[name] = dict(auroc=auroc(y, z), ap=average_precision(y, z))
     return out
 

@@ -66,11 +66,11 @@ def ended_within_limit(p):
 # ---- the pool ------------------------------------------------------------------------------------------------
 
 def test_workers_inherit_no_signal_handler_and_are_joined():
-    code = f"""
+    code = """
 import os, signal, pool, pool_tasks
 signal.signal(signal.SIGTERM, lambda *_: None)  # as a training run installs one
 out = pool.parallel_map(pool_tasks.signals_in_worker, list(range(300)), 16, None)
-print(len({{pid for pid, _, _ in out}}), all(dfl and ign for _, dfl, ign in out), len(pool_tasks.workers_of(os.getpid())))
+print(len({pid for pid, _, _ in out}), all(dfl and ign for _, dfl, ign in out), len(pool_tasks.workers_of(os.getpid())))
 """
     r = python(code)
     assert r.returncode == 0 and r.stdout.split() == ["16", "True", "0"], r.stderr[-2000:]
@@ -119,8 +119,8 @@ def test_a_worker_killed_while_a_run_prepares_its_data_is_one_line(tmp_path):
     _, err, _ = ended_within_limit(p)
     lines = err.strip().splitlines()
     assert p.returncode == 1 and len(lines) == 1, err[-2000:]
-    assert re.fullmatch(f"error: {root}/keras_slices_train/case_\\d+_week_0_slice_\\d+\\.nii(\\.gz)?: the worker process "
-                        r"handling it was killed by SIGKILL \(out of memory\?\)", lines[0]), lines[0]
+    assert re.fullmatch(f"error: {root}/keras_slices_train/case_\\d+_week_0_slice_\\d+\\.nii(\\.gz)?: the worker "
+                        r"process handling it was killed by SIGKILL \(out of memory\?\)", lines[0]), lines[0]
 
 
 # ---- SIGTERM at every stage ------------------------------------------------------------------------------------

@@ -65,20 +65,27 @@ def test_flagged_rate_on_new_clean_slices_is_within_its_nominal_rate():
 
     def clean(n):  # three scores of normal slices, each with its own scale and skew
         return dict(recon_mse=rng.lognormal(-5, 0.4, n), prior_bits=rng.normal(4, 0.2, n), snr=rng.gamma(5, 2, n))
-    calibration = qc.calibrate(clean(2000))
+    validation = clean(2000)
     for fpr in (0.01, 0.05):
         fresh = clean(20000)
-        _, flagged = qc.percentile_and_flag(qc.combined(fresh, calibration["scores"]), calibration, fpr)
+        _, flagged = qc.percentile_and_flag(qc.combined(fresh, validation), validation, fpr, list(fresh))
         # the threshold is set on 2000 slices: its own error is about sqrt(fpr / 2000)
         assert abs(flagged.mean() - fpr) < 3 * np.sqrt(fpr / 2000) + 3 * np.sqrt(fpr / 20000), (fpr, flagged.mean())
-    score, _ = qc.percentile_and_flag(np.array([-1e9, 1e9]), calibration, 0.01)
+    score, _ = qc.percentile_and_flag(np.array([-1e9, 1e9]), validation, 0.01, ["snr"])
     assert score.tolist() == [0.0, 100.0]
 
 
-def test_a_score_counts_in_its_direction():
-    ref = {k: dict(median=0.0, spread=1.0) for k in ("recon_mse", "snr")}
-    z = qc.combined(dict(recon_mse=np.array([-3.0, 0.0]), snr=np.array([0.0, -3.0])), ref)
-    assert z.tolist() == [0.0, 3.0]  # a low error is not unusual; an SNR far below normal is
+def test_a_score_counts_in_its_direction_and_each_family_once():
+    normal = np.random.default_rng(0).normal(size=(3, 4001))
+    validation = dict(prior_bits=normal[0], recon_mse=normal[1], snr=normal[2])
+    z = qc.combined(dict(prior_bits=np.array([-6.0, 0.0, 0.0, 6.0]), recon_mse=np.array([0.0, -6.0, 0.0, 0.0]),
+                         snr=np.array([0.0, 0.0, -6.0, 0.0])), validation)
+    assert z[0] < 2 and min(z[1:]) > 4  # few bits are not unusual; an error or SNR far below normal is
+    assert qc.robust_z(np.array([3.0]), normal[0]) == pytest.approx(3.0, abs=0.15)  # standard deviations, here
+    # a family's largest z is read against the same over the validation slices: seven statistics are not seven chances
+    many = {k: np.random.default_rng(1 + i).normal(size=4001) for i, k in enumerate(qc.STATISTICS)}
+    one = qc.combined({k: v[:1000] for k, v in many.items()}, many)
+    assert abs(np.median(one)) < 0.2
 
 
 # ---- the scores on planted faults, with a tiny model --------------------------------------------------------
@@ -141,10 +148,11 @@ def test_scores_are_ordered_as_they_should_be_on_planted_faults(tiny):
             assert (s[name] > s_clean[name]).all(), name
     assert set(s_clean) == {*qc.STATISTICS, "recon_ssim", "recon_mse", "recon_local", "prior_bits", "prior_local"}
     assert maps.shape == clean.shape and (maps >= 0).all()
-    _, blob_maps, _ = qc.slice_scores(blob, vqvae, None, "cpu")
     mask = np.zeros(blob.shape, bool)
     mask[:, 30:36, 13:19] = True
-    assert metrics.average_precision(mask, blob_maps) > 5 * mask.mean()  # the map finds the lesion, far above chance
+    for with_prior, heal_bits in ((None, None), (prior, None), (prior, 3.0)):  # error, bits and healed maps
+        _, blob_maps, _ = qc.slice_scores(blob, vqvae, with_prior, "cpu", heal_bits=heal_bits)
+        assert metrics.average_precision(mask, blob_maps) > 3 * mask.mean(), heal_bits  # far above chance
 
 
 def test_the_label_model_sees_labels_that_do_not_fit(trained):
@@ -162,8 +170,8 @@ def test_the_label_model_sees_labels_that_do_not_fit(trained):
 def test_qc_on_a_split_and_on_a_volume(trained, tmp_path):
     out = tmp_path / "qc"
     r = run("qc.py", f"--checkpoint={trained.out / 'best_model.pt'}",
-            f"--prior_checkpoint={trained.prior / 'best_prior.pt'}", "--split=validate", f"--out_dir={out}", "--n_show=3",
-            cwd=trained.tmp)
+            f"--prior_checkpoint={trained.prior / 'best_prior.pt'}", "--split=validate", f"--out_dir={out}",
+            "--n_show=3", cwd=trained.tmp)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = list(csv.DictReader(open(out / "qc.csv")))
     assert len(rows) == 8 and {"recon_mse", "prior_bits", "snr", "label_fit", "z", "score", "flagged"} <= set(rows[0])
@@ -188,7 +196,8 @@ def test_qc_refuses_bad_input_in_one_line(trained, tmp_path):
                    "missing: file or folder not found")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.nii.gz").write_bytes(b"not a nifti file")
-    one_error_line(run("qc.py", ckpt, f"--input={tmp_path / 'bad'}", cwd=trained.tmp), "x.nii.gz", "not a readable NIfTI")
+    one_error_line(run("qc.py", ckpt, f"--input={tmp_path / 'bad'}", cwd=trained.tmp), "x.nii.gz",
+                   "not a readable NIfTI")
     one_error_line(run("qc.py", ckpt, "--fpr=1.5", cwd=trained.tmp), "--fpr=1.5 must be")
     other = tmp_path / "other"
     shutil.copytree(trained.out, other)
