@@ -43,8 +43,14 @@ What each simulates, and how:
   more than 10% of the contrast; nothing changes more than a pixel or two beyond it.
 
 `plot_kinds(img, path)` draws every kind at both severities, to look at.
+
+    python artefacts.py --input=data/unseen/keras_slices_data/keras_slices_test --out_dir=data/corrupted
+
+writes a copy of a folder of slices in which every other slice (`share`) is corrupted, the kinds taken in turn, and
+`corrupted.csv` saying which kind each file holds ("clean" for none): a folder to try qc.py on.
 """
 import math
+import os
 
 import numpy as np
 from scipy import ndimage
@@ -52,7 +58,10 @@ from skimage.filters import threshold_otsu
 from skimage.morphology import convex_hull_image
 from skimage.transform import resize
 
+import options
 import phantom
+from options import Option
+from utils import DataError, make_folder, read_image, run_script, write_csv, write_nifti
 
 SEVERITIES = ("mild", "moderate")
 PHASE_AXIS = 0       # left-right, the phase-encoding direction of the study's axial slices
@@ -205,6 +214,15 @@ KINDS = dict(ghosting=ghosting, spike=spike, bias_field=bias_field, wrap_around=
              clipping=clipping, flip_lr=flip_lr, flip_ud=flip_ud, rotate_90=rotate_90, noise_only=noise_only,
              other_anatomy=other_anatomy, blob=blob)
 
+BLOCK = dict(
+    input=Option(None, kind=str),  # a folder of 2D NIfTI slices
+    out_dir=Option("data/corrupted"),
+    kind=Option("all", choices=("all", *KINDS)),  # all: every kind in turn
+    severity=Option("moderate", choices=SEVERITIES),
+    share=Option(0.5, above=0, at_most=1),  # of the slices corrupted, spread evenly over the folder
+    seed=Option(0),
+)
+
 
 def corrupt(kind, img, rng, severity):
     """-> (corrupted image, mask): the mask is blob's (the pixels it changed), None for every other kind. The
@@ -238,3 +256,35 @@ def plot_kinds(img, path, seed=0):
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def main(argv):
+    cfg = options.parse(BLOCK, argv)
+    if not cfg.input or not os.path.isdir(cfg.input):
+        raise DataError(f"{cfg.input}: --input must be a folder of NIfTI slices")
+    names = sorted(n for n in os.listdir(cfg.input) if n.endswith((".nii", ".nii.gz")))
+    if not names:
+        raise DataError(f"{cfg.input}: holds no .nii or .nii.gz files")
+    if os.path.isdir(cfg.out_dir) and os.listdir(cfg.out_dir):
+        raise DataError(f"{cfg.out_dir}: is not empty; give an --out_dir of its own")
+    make_folder(cfg.out_dir)
+    kinds = list(KINDS) if cfg.kind == "all" else [cfg.kind]
+    rows, n_bad = [], 0
+    for i, name in enumerate(names):
+        img, a = read_image(os.path.join(cfg.input, name))
+        if a.ndim == 3 and a.shape[2] == 1:
+            a = a[:, :, 0]
+        kind = "clean"
+        if int((i + 1) * cfg.share) > int(i * cfg.share):   # evenly spread: share 0.5 is every other slice
+            kind = kinds[n_bad % len(kinds)]
+            a, _ = corrupt(kind, a, np.random.default_rng([cfg.seed, i]), cfg.severity)
+            n_bad += 1
+        write_nifti(os.path.join(cfg.out_dir, name), a.astype(np.float32), img.affine)
+        rows.append((name, kind, cfg.severity if kind != "clean" else ""))
+    write_csv(os.path.join(cfg.out_dir, "corrupted.csv"), ("file", "kind", "severity"), rows)
+    print(f"{n_bad} of {len(names)} slices corrupted ({', '.join(kinds) if len(kinds) < 4 else 'every kind in turn'},"
+          f" {cfg.severity}) -> {cfg.out_dir}")
+
+
+if __name__ == "__main__":
+    run_script(main)

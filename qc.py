@@ -132,9 +132,12 @@ def label_fit(x, masks, model):
 
 def robust_z(v, ref):
     """How many spreads of the reference values (1.4826 x their median absolute deviation, as a standard deviation
-    for normal data, robust to the few odd slices any split holds) v lies above their median."""
+    for normal data, robust to the few odd slices any split holds) v lies above their median. Where more than half
+    the values are equal (a saturated share that is mostly 0), the median absolute deviation is 0 and the spread is
+    1.2533 x the mean absolute deviation instead, its counterpart for normal data."""
     median = np.median(ref)
-    spread = 1.4826 * np.median(np.abs(ref - median))
+    deviation = np.abs(ref - median)
+    spread = 1.4826 * np.median(deviation) or 1.2533 * np.mean(deviation)
     return (v - median) / max(spread, 1e-6 * max(abs(median), 1e-6))
 
 

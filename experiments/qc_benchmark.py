@@ -38,6 +38,7 @@ BLOCK = dict(
     out_dir=Option(None, kind=str),               # None = <checkpoint folder>/qc_benchmark
     device=Option("auto"),
     batch_size=Option(64, at_least=1),
+    rescore=Option(False),  # True: the tables again from <out_dir>/scores.npz, after a change to the combination
 )
 SETS = dict(combined=None,  # every score qc.py computes (but label_fit, which has its own rows)
             learned=("recon_ssim", "recon_mse", "recon_local", "prior_bits", "prior_local"),
@@ -79,6 +80,8 @@ def organ_where_none(labels, rng):
 
 def main(argv):
     cfg = options.parse(BLOCK, argv)
+    if cfg.rescore:
+        return report(rescored(cfg.out_dir))
     dev = pick_device(cfg.device)
     qcfg = options.parse(qc.BLOCK, [f"--checkpoint={cfg.checkpoint}"] + (
         [f"--prior_checkpoint={cfg.prior_checkpoint}"] if cfg.prior_checkpoint else []))
@@ -112,23 +115,46 @@ def main(argv):
                     for i in bad_idx]
             bad, _, x = scores_of([a for a, _ in made], maps_too=True)
             every.update({f"{kind} {severity} {k}": v for k, v in bad.items()})
-            y = np.r_[np.zeros(len(clean_idx)), np.ones(len(bad_idx))]
-            results["kinds"][f"{kind} {severity}"] = {
-                name: dict(auroc=auroc(y, np.r_[set_z(clean, ref, names), set_z(bad, ref, names)]),
-                           ap=average_precision(y, np.r_[set_z(clean, ref, names), set_z(bad, ref, names)]))
-                for name, names in SETS.items() if all(k in clean for k in (names or ()))}
+            results["kinds"][f"{kind} {severity}"] = kind_row(clean, bad, ref)
             if kind == "blob":
                 results["maps"][severity] = blob_maps(resized([b for _, b in made]), x, vqvae, prior, dev, cfg)
             print(kind, severity, {k: round(v["auroc"], 3) for k, v in results["kinds"][f"{kind} {severity}"].items()},
                   flush=True)
     results["labels"] = label_results(raw, labels, clean_idx, scores_of, ref, rng)
-    _, flagged = qc.percentile_and_flag(set_z(clean, ref, None), ref, 0.01, list(clean))
-    results["flagged_clean"] = float(np.mean(flagged))
+    results["flagged_clean"] = flagged_share(clean, ref)
     results["seconds"] = time.time() - t0
     write_text(os.path.join(out, "benchmark.json"), json.dumps(results, indent=1))
     every.update({f"validation {k}": v for k, v in ref.items()})
     write_file(os.path.join(out, "scores.npz"), lambda f: np.savez_compressed(f, **every))
     report(results)
+
+
+def kind_row(clean, bad, ref):
+    """{member set: AUROC and AP} of clean against corrupted slices' scores."""
+    y = np.r_[np.zeros(len(next(iter(clean.values())))), np.ones(len(next(iter(bad.values()))))]
+    z = {name: np.r_[set_z(clean, ref, names), set_z(bad, ref, names)]
+         for name, names in SETS.items() if all(k in clean for k in (names or ()))}
+    return {name: dict(auroc=auroc(y, v), ap=average_precision(y, v)) for name, v in z.items()}
+
+
+def flagged_share(clean, ref):
+    return float(np.mean(qc.percentile_and_flag(set_z(clean, ref, None), ref, 0.01, list(clean))[1]))
+
+
+def rescored(out):
+    """The tables again from <out>/scores.npz, as qc.py's combination now makes them (no model is run; the maps'
+    and labels' rows are kept)."""
+    saved = np.load(os.path.join(out, "scores.npz"))
+    group = {}
+    for key in saved.files:
+        head, score = key.rsplit(" ", 1)
+        group.setdefault(head, {})[score] = saved[key]
+    results = json.load(open(os.path.join(out, "benchmark.json")))
+    clean, ref = group.pop("clean"), group.pop("validation")
+    results["kinds"] = {head: kind_row(clean, bad, ref) for head, bad in group.items()}
+    results["flagged_clean"] = flagged_share(clean, ref)
+    write_text(os.path.join(out, "benchmark.json"), json.dumps(results, indent=1))
+    return results
 
 
 def blob_maps(truth, x, vqvae, prior, dev, cfg):

@@ -204,3 +204,23 @@ def test_blob_changes_only_its_mask_inside_the_body():
                 assert np.array_equal(out[~near], img.astype(np.float32)[~near])
                 change = (out - img)[mask]
                 assert (change > 0).all() or (change < 0).all()          # one blob, bright or dark
+
+
+def test_the_cli_writes_a_corrupted_copy_and_says_which_kind_each_file_holds(study, tmp_path):
+    import csv
+    from conftest import run as run_script
+    from utils import read_nifti
+    src = os.path.join(study, "keras_slices_train")  # 12 slices of every stored kind: f32, int16, 144 wide, (H, W, 1)
+    out = tmp_path / "corrupted"
+    r = run_script("artefacts.py", f"--input={src}", f"--out_dir={out}", "--share=0.5", cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(open(out / "corrupted.csv")))
+    assert sorted(row["file"] for row in rows) == sorted(os.listdir(src))
+    assert [row["kind"] for row in rows if row["kind"] != "clean"] == list(KINDS)[:6]  # every other, in turn
+    for row in rows:
+        before, after = read_nifti(os.path.join(src, row["file"])), read_nifti(out / row["file"])
+        assert np.array_equal(before.astype(np.float32), after) == (row["kind"] == "clean")
+    again = run_script("artefacts.py", f"--input={src}", f"--out_dir={out}", cwd=str(tmp_path))
+    assert again.returncode == 1 and again.stderr.startswith("error:") and "not empty" in again.stderr
+    missing = run_script("artefacts.py", f"--input={tmp_path / 'nowhere'}", cwd=str(tmp_path))
+    assert missing.returncode == 1 and "--input must be a folder" in missing.stderr

@@ -82,6 +82,9 @@ def test_a_score_counts_in_its_direction_and_each_family_once():
                          snr=np.array([0.0, 0.0, -6.0, 0.0])), validation)
     assert z[0] < 2 and min(z[1:]) > 4  # few bits are not unusual; an error or SNR far below normal is
     assert qc.robust_z(np.array([3.0]), normal[0]) == pytest.approx(3.0, abs=0.15)  # standard deviations, here
+    # a share that is 0 on most slices: the spread falls back on the mean absolute deviation, not on a near-0 floor
+    mostly_zero = np.r_[np.zeros(60), np.abs(np.random.default_rng(2).normal(size=20))]
+    assert qc.robust_z(np.array([0.0, 4 * np.mean(mostly_zero)]), mostly_zero) == pytest.approx([0.0, 3.19], abs=0.01)
     # a family's largest z is read against the same over the validation slices: seven statistics are not seven chances
     many = {k: np.random.default_rng(1 + i).normal(size=4001) for i, k in enumerate(qc.STATISTICS)}
     one = qc.combined({k: v[:1000] for k, v in many.items()}, many)
