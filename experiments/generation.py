@@ -5,6 +5,7 @@ the prior, and draws and judges 256 samples; its measures go to a line of runs/g
     python experiments/generation.py --data_dir=data/demo --seed=0 --name=recipe
     python experiments/generation.py --data_dir=data/other --seed=1 --name=aug --prior_args="--prior_augment=4"
     python experiments/generation.py --summary                 # mean and spread over seeds, a row per candidate
+    python experiments/generation.py --compare=A/samples-x,B/samples-y --figure=sampling.png  # 8 of each, a row each
 
 Budgets are in epochs and steps (deterministic, and the same on a busy machine), each what the named minutes give on
 a 2-core CPU alone; --prior_minutes (wall time, as the README's demo runs) may replace --prior_steps.
@@ -21,9 +22,10 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+import figures  # noqa: E402
 import options  # noqa: E402
 from options import Option  # noqa: E402
-from utils import DataError, make_folder, run_script  # noqa: E402
+from utils import DataError, make_folder, read_nifti, run_script  # noqa: E402
 
 BLOCK = dict(
     data_dir=Option("data/demo"),
@@ -37,6 +39,8 @@ BLOCK = dict(
     sample_args=Option(""),                 # sample.py options (temperature, top_k)
     out=Option("runs/gen"),
     summary=Option(False),
+    compare=Option(None, kind=str),         # sample folders, comma-separated: their first 8 samples, a row each
+    figure=Option("runs/gen/compare.png"),
 )
 CONFIGS = ["config/cpu.py", "config/demo_generation.py"]
 
@@ -118,8 +122,23 @@ def summary(out):
         print(f"| {data} | {name} | {budget} | {sampling or 'default'} | {len(rs)} | " + " | ".join(cells) + " |")
 
 
+def compare(folders, path):
+    """The first 8 samples of each folder (their NIfTI files), a row per folder titled by its prior run and name."""
+    rows, titles = [], []
+    for folder in folders:
+        folder = os.path.normpath(folder)
+        name = os.path.relpath(folder, os.path.dirname(os.path.dirname(folder)))  # prior-X/samples-Y
+        for i in range(8):
+            rows.append(read_nifti(os.path.join(folder, "nifti", f"sample_{i:03d}.nii.gz")))
+            titles.append(f"{name} #{i}")
+    figures.plot_grid(np.clip(np.stack(rows), 0, 1), path, titles, ncols=8)
+    print(f"-> {path}")
+
+
 def main(argv):
     cfg = options.parse(BLOCK, argv)
+    if cfg.compare:
+        return compare(cfg.compare.split(","), cfg.figure)
     summary(cfg.out) if cfg.summary else one(cfg)
 
 

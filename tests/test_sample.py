@@ -90,3 +90,24 @@ def test_mirror_ssim_sees_a_missing_half(halves):
     half = real.clone()
     half[..., 32:, :] = 0  # one side of the body gone
     assert np.median(metrics.mirror_ssim(half)) < np.median(metrics.mirror_ssim(real)) - 0.1
+
+
+def test_generation_compare_draws_eight_samples_of_each_folder_a_row_each(tmp_path):
+    import importlib.util
+    import os
+    from conftest import ROOT, write_slice
+    spec = importlib.util.spec_from_file_location("generation", os.path.join(ROOT, "experiments", "generation.py"))
+    generation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generation)
+    folders = []
+    for name in ("samples-a", "samples-b"):
+        folder = tmp_path / "prior" / name
+        (folder / "nifti").mkdir(parents=True)
+        for i in range(8):
+            write_slice(folder / "nifti" / f"sample_{i:03d}.nii.gz", np.full((256, 128), i / 8, np.float32))
+        folders.append(str(folder))
+    generation.main([f"--compare={','.join(folders)}", f"--figure={tmp_path / 'c.png'}"])
+    from skimage.io import imread
+    assert imread(tmp_path / "c.png").shape[0] > 200  # two rows of slices, titled
+    with pytest.raises(Exception, match="sample_000"):
+        generation.main([f"--compare={tmp_path}", f"--figure={tmp_path / 'd.png'}"])
