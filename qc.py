@@ -207,8 +207,8 @@ def inputs(cfg, path, ckpt):
 def calibration_of(run_folder, vqvae, prior, dev, cfg, cache_dir):
     """The scores of the run's validation slices, against which every slice is read, and the label model where
     that split has labels."""
-    doing("scoring the validation slices for calibration")
     val = dataset.prepare(dataset.read_splits(run_folder)["validate"], cache_dir, True, desc="validate")
+    doing("scoring the validation slices for calibration")
     label_model = None if val["masks"] is None else fit_label_model(val["x"], val["masks"])
     scores, _, _ = slice_scores(val["x"], vqvae, prior, dev, cfg.batch_size, on_cuda(cfg.amp, dev), val["masks"],
                                 label_model)

@@ -168,6 +168,7 @@ def sigterm_in(monkeypatch, module, name):
     ("predict.py", "predict", "evaluate_split", "SIGTERM while reconstructing and scoring the test split"),
     ("sample.py", "sample", "draw", "SIGTERM while drawing 4 samples"),
     ("sample.py", "sample", "judge", "SIGTERM while judging the samples"),
+    ("qc.py", "qc", "slice_scores", "SIGTERM while scoring the validation slices for calibration"),
 ])
 def test_sigterm_outside_the_training_steps_is_one_line(trained, tmp_path, monkeypatch, script, module, name, says):
     sigterm_in(monkeypatch, importlib.import_module(module), name)
@@ -176,7 +177,8 @@ def test_sigterm_outside_the_training_steps_is_one_line(trained, tmp_path, monke
                       f"--out_dir={tmp_path / 'run'}"],
             "predict.py": [f"--checkpoint={trained.out / 'best_model.pt'}", f"--out_dir={tmp_path / 'p'}"],
             "sample.py": [f"--prior_checkpoint={trained.prior / 'best_prior.pt'}", "--n_samples=4", "--n_real=4",
-                          "--c2st_steps=1", f"--out_dir={tmp_path / 's'}"]}[script]
+                          "--c2st_steps=1", f"--out_dir={tmp_path / 's'}"],
+            "qc.py": [f"--checkpoint={trained.out / 'best_model.pt'}", f"--out_dir={tmp_path / 'q'}"]}[script]
     r = run("train.py" if script == "prior" else script, *args, cwd=trained.tmp)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 143 and len(lines) == 1 and lines[0].startswith(f"stopped: {says}"), r.stderr[-2000:]
