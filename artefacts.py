@@ -61,7 +61,7 @@ from skimage.transform import resize
 import options
 import phantom
 from options import Option
-from utils import DataError, make_folder, read_image, run_script, write_csv, write_nifti
+from utils import DataError, make_folder, read_slice, run_script, write_csv, write_nifti
 
 SEVERITIES = ("mild", "moderate")
 PHASE_AXIS = 0       # left-right, the phase-encoding direction of the study's axial slices
@@ -271,9 +271,7 @@ def main(argv):
     kinds = list(KINDS) if cfg.kind == "all" else [cfg.kind]
     rows, n_bad = [], 0
     for i, name in enumerate(names):
-        img, a = read_image(os.path.join(cfg.input, name))
-        if a.ndim == 3 and a.shape[2] == 1:
-            a = a[:, :, 0]
+        img, a = read_slice(os.path.join(cfg.input, name))
         kind = "clean"
         if int((i + 1) * cfg.share) > int(i * cfg.share):   # evenly spread: share 0.5 is every other slice
             kind = kinds[n_bad % len(kinds)]

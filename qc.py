@@ -70,7 +70,7 @@ def slice_scores(x, vqvae, prior, dev, batch_size=64, amp=False, masks=None, lab
     bits per code, and prior_local, their largest mean over 3 x 3 codes; the MRQy-style STATISTICS; with labels and
     a label model, label_fit. The map: with a prior, each code's bits spread over its pixels (or with heal_bits the
     error against the healed reconstruction); without one, the reconstruction error (EXPERIMENTS.md: the prior's
-    maps find a lesion three to seven times better)."""
+    maps find a lesion two to seven times better)."""
     rec, codes = reconstruct(vqvae, x, dev, batch_size, amp)
     xt, rt = torch.from_numpy(x)[:, None], torch.from_numpy(rec).clamp(0, 1)[:, None]
     err = (xt - rt).abs()

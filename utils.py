@@ -94,14 +94,20 @@ def read_image(path):
     return img, a
 
 
-def read_nifti(path):
-    """One 2D slice stored as (H, W) or (H, W, 1) -> float64 (H, W). Raises DataError on bad input."""
-    _, a = read_image(path)
+def read_slice(path):
+    """One 2D slice stored as (H, W) or (H, W, 1) -> (its nibabel image, float64 (H, W)). Raises DataError on bad
+    input."""
+    img, a = read_image(path)
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[:, :, 0]
     if a.ndim != 2:
         raise DataError(f"{path}: expected a 2D slice (H, W) or (H, W, 1), got shape {a.shape}")
-    return a
+    return img, a
+
+
+def read_nifti(path):
+    """One 2D slice stored as (H, W) or (H, W, 1) -> float64 (H, W). Raises DataError on bad input."""
+    return read_slice(path)[1]
 
 
 # ---- writing --------------------------------------------------------------------------------------------------

@@ -113,11 +113,11 @@ def main(argv):
         for severity in artefacts.SEVERITIES:
             made = [artefacts.corrupt(kind, raw[i], np.random.default_rng([cfg.seed, int(i)]), severity)
                     for i in bad_idx]
-            bad, _, x = scores_of([a for a, _ in made], maps_too=True)
+            bad, maps, x = scores_of([a for a, _ in made], maps_too=True)
             every.update({f"{kind} {severity} {k}": v for k, v in bad.items()})
             results["kinds"][f"{kind} {severity}"] = kind_row(clean, bad, ref)
             if kind == "blob":
-                results["maps"][severity] = blob_maps(resized([b for _, b in made]), x, vqvae, prior, dev, cfg)
+                results["maps"][severity] = blob_maps(resized([b for _, b in made]), maps, x, vqvae, prior, dev, cfg)
             print(kind, severity, {k: round(v["auroc"], 3) for k, v in results["kinds"][f"{kind} {severity}"].items()},
                   flush=True)
     results["labels"] = label_results(raw, labels, clean_idx, scores_of, ref, rng)
@@ -157,17 +157,17 @@ def rescored(out):
     return results
 
 
-def blob_maps(truth, x, vqvae, prior, dev, cfg):
+def blob_maps(truth, maps, x, vqvae, prior, dev, cfg):
     """Pixel-level average precision on the blob slices of each map: the reconstruction error, and with a prior each
-    code's bits spread over its pixels (qc.py's) and, with heal_bits, the error against the healed slice."""
+    code's bits spread over its pixels (qc.py's map, `maps`) and, with heal_bits, the error against the healed
+    slice."""
+    if prior is None:
+        return dict(reconstruction=average_precision(truth, maps))
     _, error_map, _ = qc.slice_scores(x, vqvae, None, dev, cfg.batch_size)
-    out = dict(reconstruction=average_precision(truth, error_map))
-    if prior is not None:
-        _, bits_map, _ = qc.slice_scores(x, vqvae, prior, dev, cfg.batch_size)
-        out["prior bits"] = average_precision(truth, bits_map)
-        if cfg.heal_bits:
-            _, healed_map, _ = qc.slice_scores(x, vqvae, prior, dev, cfg.batch_size, heal_bits=cfg.heal_bits)
-            out[f"healed ({cfg.heal_bits:g} bits)"] = average_precision(truth, healed_map)
+    out = {"reconstruction": average_precision(truth, error_map), "prior bits": average_precision(truth, maps)}
+    if cfg.heal_bits:
+        _, healed_map, _ = qc.slice_scores(x, vqvae, prior, dev, cfg.batch_size, heal_bits=cfg.heal_bits)
+        out[f"healed ({cfg.heal_bits:g} bits)"] = average_precision(truth, healed_map)
     return out
 
 
