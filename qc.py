@@ -6,10 +6,11 @@ VQ-VAE (which reconstructs what it has seen) and, where given, its prior (which 
     python qc.py --data_dir=/path/keras_slices_data --split=train --prior_checkpoint=runs/X/best_prior.pt
 
 Each slice gets the scores below, each read as a robust z-score against the VQ-VAE run's own validation slices (its
-median and spread there); `z` combines them (combined()), `score` is the percentage of validation slices whose `z`
-is lower, and `flagged` marks a z above that of all but `fpr` of the validation slices. Writes to
-<run>/qc_<split> (or qc_input): qc.csv (a row per slice, the input's order), qc.png (the most unusual slices beside
-their reconstructions and maps), calibration.json and, with --save_nifti, nifti/<name>: the map in the input's
+median and spread there); each family of scores gets a z (family_z(), in columns z_<family>), `z` is the largest
+and `family` the one that gives it, `score` is the percentage of validation slices whose `z` is lower, and `flagged`
+marks a z above that of all but `fpr` of the validation slices. Writes to <run>/qc_<split> (or qc_input): qc.csv (a
+row per slice, the input's order), qc.png (the most unusual slices of each family in turn beside their
+reconstructions and maps), calibration.json and, with --save_nifti, nifti/<name>: the map in the input's
 shape and affine. Scores and how they were chosen: README, QC, and EXPERIMENTS.md, Quality control.
 """
 import json
@@ -141,20 +142,33 @@ def robust_z(v, ref):
     return (v - median) / max(spread, 1e-6 * max(abs(median), 1e-6))
 
 
-def combined(scores, validation):
-    """The combined z of slices' scores against the validation slices' (each {score: (N,)}): within each family of
-    scores (GROUPS), the largest robust z, each score counted in the direction in which it is unusual; the family's
+def family_z(scores, validation):
+    """{family: z} of slices' scores against the validation slices' (each {score: (N,)}): within each family of
+    scores (GROUPS), the largest robust z, each score counted in the direction in which it is unusual; then that
     largest, itself a robust z against the same over the validation slices, so that seven statistics count no more
-    than two prior scores; and the largest over the families."""
-    def family(s, names):
+    than two prior scores."""
+    def largest(s, names):
         zs = [robust_z(s[k], validation[k]) for k in names]
         return np.max([np.abs(z) if DIRECTIONS[k] == "both" else z for k, z in zip(names, zs)], axis=0)
-    out = []
-    for names in GROUPS.values():
+    out = {}
+    for family, names in GROUPS.items():
         names = [k for k in names if k in scores]
         if names:
-            out.append(robust_z(family(scores, names), family(validation, names)))
-    return np.max(out, axis=0)
+            out[family] = robust_z(largest(scores, names), largest(validation, names))
+    return out
+
+
+def combined(scores, validation):
+    """The combined z: the largest family z (family_z)."""
+    return np.max(list(family_z(scores, validation).values()), axis=0)
+
+
+def shown(z, family, n):
+    """The n slices qc.png shows: the most unusual of each family (the family whose z is the slice's z) in turn,
+    then the second of each, and so on, so that one fault filling the top of the list does not hide the others."""
+    order = np.argsort(-z)
+    ranked = [[i for i in order if family[i] == f] for f in dict.fromkeys(family[order])]
+    return [r[k] for k in range(max(map(len, ranked), default=0)) for r in ranked if k < len(r)][:n]
 
 
 def percentile_and_flag(z, validation, fpr, names):
@@ -238,18 +252,20 @@ def main(argv):
     doing(f"scoring {len(p['x'])} slices")
     scores, maps, rec = slice_scores(p["x"], vqvae, prior, dev, cfg.batch_size, on_cuda(cfg.amp, dev),
                                      p.get("masks"), label_model, cfg.heal_bits)
-    z = combined(scores, validation)
+    fz = family_z(scores, validation)
+    z, family = np.max(list(fz.values()), axis=0), np.array(list(fz))[np.argmax(list(fz.values()), axis=0)]
     score, flagged = percentile_and_flag(z, validation, cfg.fpr, list(scores))
     write_text(os.path.join(out, "calibration.json"), json.dumps(dict(
         validation={k: v.tolist() for k, v in validation.items()}, checkpoint=os.path.abspath(path),
         prior_checkpoint=cfg.prior_checkpoint), indent=1))
-    write_csv(os.path.join(out, "qc.csv"), ["file", "slice", *scores, "z", "score", "flagged"],
+    write_csv(os.path.join(out, "qc.csv"), ["file", "slice", *scores, *(f"z_{f}" for f in fz), "z", "family", "score",
+                                            "flagged"],
               [[os.path.basename(p["sources"][i]), "" if p["index"][i] is None else p["index"][i],
-                *(f"{v[i]:.6g}" for v in scores.values()), f"{z[i]:.4g}", f"{score[i]:.2f}", int(flagged[i])]
-               for i in range(len(z))])
-    top = np.argsort(-z)[:cfg.n_show]
+                *(f"{v[i]:.6g}" for v in scores.values()), *(f"{v[i]:.4g}" for v in fz.values()), f"{z[i]:.4g}",
+                family[i], f"{score[i]:.2f}", int(flagged[i])] for i in range(len(z))])
+    top = shown(z, family, cfg.n_show)
     figures.plot_qc(os.path.join(out, "qc.png"), p["x"][top], rec[top], maps[top],
-                    [f"{p['files'][i]}\nz {z[i]:.1f}, score {score[i]:.0f}" for i in top])
+                    [f"{p['files'][i]}\n{family[i]} z {z[i]:.3g}, score {score[i]:.0f}" for i in top])
     if cfg.save_nifti:
         write_maps(out, p, maps)
     print(f"{len(z)} slices, {int(flagged.sum())} flagged at a validation false-positive rate of {cfg.fpr:g} "

@@ -45,6 +45,7 @@ SETS = dict(combined=None,  # every score qc.py computes (but label_fit, which h
             reconstruction=("recon_ssim", "recon_mse", "recon_local"),
             prior=("prior_bits", "prior_local"),
             statistics=qc.STATISTICS)
+END_SHARE = 0.1  # a slice whose labels cover less of it is an end of a scan, past the body: not a clean slice
 LABEL_FAULTS = ("another slice's", "flipped left-right", "an organ where the image shows none")
 
 
@@ -95,8 +96,9 @@ def main(argv):
     raw = [read_nifti(f) for f in files]
     labels = [read_nifti(m).astype(np.uint8) for m in masks]
     keep = [i for i, a in enumerate(raw) if a.max() > a.min()]  # constant slices are skipped, as everywhere
+    ends = [i for i in keep if (labels[i] > 0).mean() < END_SHARE]
     rng = np.random.default_rng(cfg.seed)
-    order = rng.permutation(keep)
+    order = rng.permutation([i for i in keep if i not in ends])
     clean_idx, bad_idx = order[:len(order) // 2], order[len(order) // 2:]
 
     def scores_of(images, lab=None, maps_too=False):
@@ -107,8 +109,12 @@ def main(argv):
         return (s, maps, x) if maps_too else s
 
     clean = scores_of([raw[i] for i in clean_idx])
-    results = dict(n_clean=len(clean_idx), n_corrupted=len(bad_idx), kinds={}, labels={}, maps={})
+    results = dict(n_clean=len(clean_idx), n_corrupted=len(bad_idx), n_ends=len(ends), kinds={}, labels={}, maps={})
     every = {f"clean {k}": v for k, v in clean.items()}  # each slice's scores, to compare combinations afterwards
+    if ends:  # the scan's own ends against the clean slices, as a kind of their own
+        written = scores_of([raw[i] for i in ends])
+        every.update({f"end_of_scan written {k}": v for k, v in written.items()})
+        results["kinds"]["end_of_scan written"] = kind_row(clean, written, ref)
     for kind in artefacts.KINDS:
         for severity in artefacts.SEVERITIES:
             made = [artefacts.corrupt(kind, raw[i], np.random.default_rng([cfg.seed, int(i)]), severity)
@@ -121,7 +127,7 @@ def main(argv):
             print(kind, severity, {k: round(v["auroc"], 3) for k, v in results["kinds"][f"{kind} {severity}"].items()},
                   flush=True)
     results["labels"] = label_results(raw, labels, clean_idx, scores_of, ref, rng)
-    results["flagged_clean"] = flagged_share(clean, ref)
+    results["flagged"] = flagged_shares(dict(clean=clean, **({"end of scan": written} if ends else {})), ref)
     results["seconds"] = time.time() - t0
     write_text(os.path.join(out, "benchmark.json"), json.dumps(results, indent=1))
     every.update({f"validation {k}": v for k, v in ref.items()})
@@ -137,8 +143,10 @@ def kind_row(clean, bad, ref):
     return {name: dict(auroc=auroc(y, v), ap=average_precision(y, v)) for name, v in z.items()}
 
 
-def flagged_share(clean, ref):
-    return float(np.mean(qc.percentile_and_flag(set_z(clean, ref, None), ref, 0.01, list(clean))[1]))
+def flagged_shares(groups, ref):
+    """{group: {fpr: the share of its slices that qc.py flags at that rate}} for groups of slices' scores."""
+    return {name: {fpr: float(np.mean(qc.percentile_and_flag(set_z(s, ref, None), ref, fpr, list(s))[1]))
+                   for fpr in (0.01, 0.05)} for name, s in groups.items()}
 
 
 def rescored(out):
@@ -152,7 +160,8 @@ def rescored(out):
     results = json.load(open(os.path.join(out, "benchmark.json")))
     clean, ref = group.pop("clean"), group.pop("validation")
     results["kinds"] = {head: kind_row(clean, bad, ref) for head, bad in group.items()}
-    results["flagged_clean"] = flagged_share(clean, ref)
+    results["flagged"] = flagged_shares(dict(clean=clean, **({"end of scan": group["end_of_scan written"]}
+                                                             if "end_of_scan written" in group else {})), ref)
     write_text(os.path.join(out, "benchmark.json"), json.dumps(results, indent=1))
     return results
 
@@ -193,8 +202,9 @@ def label_results(raw, labels, clean_idx, scores_of, ref, rng):
 
 def report(r):
     sets = list(next(iter(r["kinds"].values())))
-    print(f"\n{r['n_clean']} clean and {r['n_corrupted']} corrupted slices per row; AUROC / AP; "
-          f"clean slices flagged at fpr 0.01: {r['flagged_clean']:.3f}; {r['seconds']:.0f} s\n")
+    print(f"\n{r['n_clean']} clean and {r['n_corrupted']} corrupted slices per row, {r['n_ends']} ends of scans; "
+          f"AUROC / AP; {r['seconds']:.0f} s; flagged: " + ", ".join(
+              f"{name} {share:.3f} at fpr {fpr}" for name, v in r["flagged"].items() for fpr, share in v.items()) + "\n")
     print("| kind | severity | " + " | ".join(sets) + " |\n|" + " --- |" * (2 + len(sets)))
     for key, row in r["kinds"].items():
         kind, severity = key.rsplit(" ", 1)

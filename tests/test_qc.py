@@ -1,7 +1,10 @@
 """Quality control: the detection measures against brute force, the image statistics, the calibration's false-positive
 rate, the scores' order on planted faults with a tiny model, and qc.py end to end with its one-line refusals."""
 import csv
+import json
+import os
 import shutil
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -12,6 +15,7 @@ import metrics
 import qc
 from conftest import run, write_slice
 from test_misuse import one_error_line
+from utils import call_main
 
 
 # ---- measures --------------------------------------------------------------------------------------------------
@@ -89,6 +93,15 @@ def test_a_score_counts_in_its_direction_and_each_family_once():
     many = {k: np.random.default_rng(1 + i).normal(size=4001) for i, k in enumerate(qc.STATISTICS)}
     one = qc.combined({k: v[:1000] for k, v in many.items()}, many)
     assert abs(np.median(one)) < 0.2
+
+
+def test_the_figure_shows_each_familys_most_unusual_slices_in_turn():
+    z = np.array([5.0, 9.0, 1.0, 8.0, 7.0, 2.0, 6.0])
+    family = np.array(["statistics", "statistics", "reconstruction", "statistics", "prior", "reconstruction",
+                       "statistics"])
+    # the top four by z are three statistics slices and one prior: the reconstruction's most unusual is shown too
+    assert qc.shown(z, family, 4) == [1, 4, 5, 3]
+    assert sorted(qc.shown(z, family, 10)) == list(range(7)) and qc.shown(z, family, 0) == []
 
 
 # ---- the scores on planted faults, with a tiny model --------------------------------------------------------
@@ -179,6 +192,8 @@ def test_qc_on_a_split_and_on_a_volume(trained, tmp_path):
     rows = list(csv.DictReader(open(out / "qc.csv")))
     assert len(rows) == 8 and {"recon_mse", "prior_bits", "snr", "label_fit", "z", "score", "flagged"} <= set(rows[0])
     assert sum(int(r["flagged"]) for r in rows) == 0  # the calibration's own slices: none above its threshold
+    for r in rows:  # z is the largest family z, and family names it
+        assert float(r["z"]) == max(float(r[f"z_{f}"]) for f in qc.GROUPS) == float(r[f"z_{r['family']}"])
     assert (out / "qc.png").exists() and (out / "calibration.json").exists()
     from phantom import phantom_slice
     vol = np.stack([phantom_slice(40, 0, k, 8) for k in (3, 4, 5)], -1)  # a 3D volume, slice by slice
@@ -212,3 +227,16 @@ def test_qc_refuses_bad_input_in_one_line(trained, tmp_path):
             cwd=trained.tmp)
     assert r.returncode == 0 and "1 skipped" in r.stdout, r.stderr[-2000:]
     assert [row["file"] for row in csv.DictReader(open(tmp_path / "o" / "qc.csv"))] == ["y.nii.gz"]
+
+
+def test_the_benchmark_runs_and_rescores_to_the_same_tables(trained, tmp_path):
+    sys.path.insert(0, os.path.join(os.path.dirname(qc.__file__), "experiments"))
+    import qc_benchmark
+    out = tmp_path / "bench"
+    args = [f"--checkpoint={trained.out / 'best_model.pt'}", f"--prior_checkpoint={trained.prior / 'best_prior.pt'}",
+            f"--data_dir={trained.root}", f"--out_dir={out}"]
+    assert call_main(qc_benchmark.main, args) == 0
+    first = json.load(open(out / "benchmark.json"))
+    assert len(first["kinds"]) == 2 * len(artefacts.KINDS) and set(first["labels"]) == set(qc_benchmark.LABEL_FAULTS)
+    assert call_main(qc_benchmark.main, args + ["--rescore=True"]) == 0
+    assert json.load(open(out / "benchmark.json"))["kinds"] == first["kinds"]
