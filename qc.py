@@ -6,10 +6,10 @@ VQ-VAE (which reconstructs what it has seen) and, where given, its prior (which 
     python qc.py --data_dir=/path/keras_slices_data --split=train --prior_checkpoint=runs/X/best_prior.pt
 
 Each slice gets the scores below, each read as a robust z-score against the VQ-VAE run's own validation slices (its
-median and spread there); each family of scores gets a z (family_z(), in columns z_<family>), `z` is the largest
-and `family` the one that gives it, `score` is the percentage of validation slices whose `z` is lower, and `flagged`
+median and spread there); each family of scores gets a z (family_z(), in columns z_<family>), `z` is the largest,
+`family` the one that gives it and `cause` its score that is the most unusual, `score` is the percentage of validation slices whose `z` is lower, and `flagged`
 marks a z above that of all but `fpr` of the validation slices. Writes to <run>/qc_<split> (or qc_input): qc.csv (a
-row per slice, the input's order), qc.png (the most unusual slices of each family in turn beside their
+row per slice, the input's order), qc.png (the most unusual slices of each cause in turn beside their
 reconstructions and maps), calibration.json and, with --save_nifti, nifti/<name>: the map in the input's
 shape and affine. Scores and how they were chosen: README, QC, and EXPERIMENTS.md, Quality control.
 """
@@ -148,8 +148,7 @@ def family_z(scores, validation):
     largest, itself a robust z against the same over the validation slices, so that seven statistics count no more
     than two prior scores."""
     def largest(s, names):
-        zs = [robust_z(s[k], validation[k]) for k in names]
-        return np.max([np.abs(z) if DIRECTIONS[k] == "both" else z for k, z in zip(names, zs)], axis=0)
+        return np.max([directed_z(s, validation, k) for k in names], axis=0)
     out = {}
     for family, names in GROUPS.items():
         names = [k for k in names if k in scores]
@@ -158,16 +157,29 @@ def family_z(scores, validation):
     return out
 
 
+def directed_z(scores, validation, name):
+    """The robust z of one score, counted in the direction in which it is unusual (DIRECTIONS)."""
+    z = robust_z(scores[name], validation[name])
+    return np.abs(z) if DIRECTIONS[name] == "both" else z
+
+
+def causes(scores, validation, family):
+    """For each slice, the score of its family (the one that gives its z) whose own z is the largest: what is
+    unusual about it (saturation for a clipped slice, recon_ssim for one the VQ-VAE cannot reconstruct)."""
+    zs = {k: directed_z(scores, validation, k) for k in scores}
+    return np.array([max((k for k in GROUPS[f] if k in zs), key=lambda k: zs[k][i]) for i, f in enumerate(family)])
+
+
 def combined(scores, validation):
     """The combined z: the largest family z (family_z)."""
     return np.max(list(family_z(scores, validation).values()), axis=0)
 
 
-def shown(z, family, n):
-    """The n slices qc.png shows: the most unusual of each family (the family whose z is the slice's z) in turn,
-    then the second of each, and so on, so that one fault filling the top of the list does not hide the others."""
+def shown(z, cause, n):
+    """The n slices qc.png shows: the most unusual of each cause in turn, then the second of each, and so on, so
+    that one fault filling the top of the list does not hide the others."""
     order = np.argsort(-z)
-    ranked = [[i for i in order if family[i] == f] for f in dict.fromkeys(family[order])]
+    ranked = [[i for i in order if cause[i] == c] for c in dict.fromkeys(cause[order])]
     return [r[k] for k in range(max(map(len, ranked), default=0)) for r in ranked if k < len(r)][:n]
 
 
@@ -254,18 +266,19 @@ def main(argv):
                                      p.get("masks"), label_model, cfg.heal_bits)
     fz = family_z(scores, validation)
     z, family = np.max(list(fz.values()), axis=0), np.array(list(fz))[np.argmax(list(fz.values()), axis=0)]
+    cause = causes(scores, validation, family)
     score, flagged = percentile_and_flag(z, validation, cfg.fpr, list(scores))
     write_text(os.path.join(out, "calibration.json"), json.dumps(dict(
         validation={k: v.tolist() for k, v in validation.items()}, checkpoint=os.path.abspath(path),
         prior_checkpoint=cfg.prior_checkpoint), indent=1))
-    write_csv(os.path.join(out, "qc.csv"), ["file", "slice", *scores, *(f"z_{f}" for f in fz), "z", "family", "score",
-                                            "flagged"],
+    write_csv(os.path.join(out, "qc.csv"), ["file", "slice", *scores, *(f"z_{f}" for f in fz), "z", "family", "cause",
+                                            "score", "flagged"],
               [[os.path.basename(p["sources"][i]), "" if p["index"][i] is None else p["index"][i],
                 *(f"{v[i]:.6g}" for v in scores.values()), *(f"{v[i]:.4g}" for v in fz.values()), f"{z[i]:.4g}",
-                family[i], f"{score[i]:.2f}", int(flagged[i])] for i in range(len(z))])
-    top = shown(z, family, cfg.n_show)
+                family[i], cause[i], f"{score[i]:.2f}", int(flagged[i])] for i in range(len(z))])
+    top = shown(z, cause, cfg.n_show)
     figures.plot_qc(os.path.join(out, "qc.png"), p["x"][top], rec[top], maps[top],
-                    [f"{p['files'][i]}\n{family[i]} z {z[i]:.3g}, score {score[i]:.0f}" for i in top])
+                    [f"{p['files'][i]}\n{cause[i]}: z {z[i]:.3g}, score {score[i]:.0f}" for i in top])
     if cfg.save_nifti:
         write_maps(out, p, maps)
     print(f"{len(z)} slices, {int(flagged.sum())} flagged at a validation false-positive rate of {cfg.fpr:g} "

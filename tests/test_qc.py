@@ -95,13 +95,15 @@ def test_a_score_counts_in_its_direction_and_each_family_once():
     assert abs(np.median(one)) < 0.2
 
 
-def test_the_figure_shows_each_familys_most_unusual_slices_in_turn():
+def test_the_figure_shows_each_causes_most_unusual_slices_in_turn():
     z = np.array([5.0, 9.0, 1.0, 8.0, 7.0, 2.0, 6.0])
-    family = np.array(["statistics", "statistics", "reconstruction", "statistics", "prior", "reconstruction",
-                       "statistics"])
-    # the top four by z are three statistics slices and one prior: the reconstruction's most unusual is shown too
-    assert qc.shown(z, family, 4) == [1, 4, 5, 3]
-    assert sorted(qc.shown(z, family, 10)) == list(range(7)) and qc.shown(z, family, 0) == []
+    cause = np.array(["saturation", "saturation", "recon_ssim", "saturation", "prior_bits", "recon_ssim", "saturation"])
+    # the top four by z are three clipped slices and one prior's: the reconstruction's most unusual is shown too
+    assert qc.shown(z, cause, 4) == [1, 4, 5, 3]
+    assert sorted(qc.shown(z, cause, 10)) == list(range(7)) and qc.shown(z, cause, 0) == []
+    validation = dict(snr=np.random.default_rng(0).normal(size=500), saturation=np.random.default_rng(1).random(500))
+    slices = dict(snr=np.array([-8.0, 0.0]), saturation=np.array([0.5, 30.0]))
+    assert qc.causes(slices, validation, np.array(["statistics"] * 2)).tolist() == ["snr", "saturation"]
 
 
 # ---- the scores on planted faults, with a tiny model --------------------------------------------------------
@@ -192,8 +194,9 @@ def test_qc_on_a_split_and_on_a_volume(trained, tmp_path):
     rows = list(csv.DictReader(open(out / "qc.csv")))
     assert len(rows) == 8 and {"recon_mse", "prior_bits", "snr", "label_fit", "z", "score", "flagged"} <= set(rows[0])
     assert sum(int(r["flagged"]) for r in rows) == 0  # the calibration's own slices: none above its threshold
-    for r in rows:  # z is the largest family z, and family names it
+    for r in rows:  # z is the largest family z, family names it, and cause is one of its scores
         assert float(r["z"]) == max(float(r[f"z_{f}"]) for f in qc.GROUPS) == float(r[f"z_{r['family']}"])
+        assert r["cause"] in qc.GROUPS[r["family"]]
     assert (out / "qc.png").exists() and (out / "calibration.json").exists()
     from phantom import phantom_slice
     vol = np.stack([phantom_slice(40, 0, k, 8) for k in (3, 4, 5)], -1)  # a 3D volume, slice by slice
