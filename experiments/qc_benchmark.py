@@ -91,15 +91,7 @@ def main(argv):
     make_folder(out)
     t0 = time.time()
     ref, label_model = qc.calibration_of(os.path.dirname(path), vqvae, prior, dev, qcfg, ckpt["config"]["cache_dir"])
-    files = dataset.find_splits(cfg.data_dir)[cfg.split]
-    masks = dataset.find_masks(files)
-    raw = [read_nifti(f) for f in files]
-    labels = [read_nifti(m).astype(np.uint8) for m in masks]
-    keep = [i for i, a in enumerate(raw) if a.max() > a.min()]  # constant slices are skipped, as everywhere
-    ends = [i for i in keep if (labels[i] > 0).mean() < END_SHARE]
-    rng = np.random.default_rng(cfg.seed)
-    order = rng.permutation([i for i in keep if i not in ends])
-    clean_idx, bad_idx = order[:len(order) // 2], order[len(order) // 2:]
+    raw, labels, clean_idx, bad_idx, ends, rng = halves(cfg.data_dir, cfg.split, cfg.seed)
 
     def scores_of(images, lab=None, maps_too=False):
         """The scores of raw slices (with label_fit where labels are given), and their maps and normalised slices."""
@@ -133,6 +125,20 @@ def main(argv):
     every.update({f"validation {k}": v for k, v in ref.items()})
     write_file(os.path.join(out, "scores.npz"), lambda f: np.savez_compressed(f, **every))
     report(results)
+
+
+def halves(data_dir, split, seed):
+    """The split's raw slices and labels; the indices of the clean half and of the half to corrupt, drawn from the
+    slices that are neither constant (skipped, as everywhere) nor ends of scans; the ends' indices; and the random
+    generator, to draw on from."""
+    files = dataset.find_splits(data_dir)[split]
+    raw = [read_nifti(f) for f in files]
+    labels = [read_nifti(m).astype(np.uint8) for m in dataset.find_masks(files)]
+    keep = [i for i, a in enumerate(raw) if a.max() > a.min()]
+    ends = [i for i in keep if (labels[i] > 0).mean() < END_SHARE]
+    rng = np.random.default_rng(seed)
+    order = rng.permutation([i for i in keep if i not in ends])
+    return raw, labels, order[:len(order) // 2], order[len(order) // 2:], ends, rng
 
 
 def kind_row(clean, bad, ref):
