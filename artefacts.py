@@ -42,9 +42,15 @@ What each simulates, and how:
   centred on a random pixel where it fits whole inside the body (body_mask). Its mask: the pixels it changes by
   more than 10% of the contrast; nothing changes more than a pixel or two beyond it.
 
+Why not TorchIO's transforms: RandomGhosting, RandomSpike, RandomBiasField, RandomBlur, RandomNoise and RandomFlip
+would cover 6 of these 13 kinds, and none of wrap-around, clipping, a slice past the body, other anatomy or a blob;
+they take 3D volumes (a slice as depth 1) and would bring SimpleITK, typer, rich and more into the install for one
+benchmark. The same physics (k-space lines scaled, one k-space sample raised, a polynomial field) fits in a few
+lines each here, and each kind is tested against what it should do (tests/test_artefacts.py).
+
 `plot_kinds(img, path)` draws every kind at both severities, to look at.
 
-    python artefacts.py --input=data/unseen/keras_slices_data/keras_slices_test --out_dir=data/corrupted
+    python artefacts.py --input=data/unseen/keras_slices_test --out_dir=data/corrupted
 
 writes a copy of a folder of slices in which every other slice (`share`) is corrupted, the kinds taken in turn, and
 `corrupted.csv` saying which kind each file holds ("clean" for none): a folder to try qc.py on.
