@@ -7,11 +7,12 @@ VQ-VAE (which reconstructs what it has seen) and, where given, its prior (which 
 
 Each slice gets the scores below, each read as a robust z-score against the VQ-VAE run's own validation slices (its
 median and spread there); each family of scores gets a z (family_z(), in columns z_<family>), `z` is the largest,
-`family` the one that gives it and `cause` its score that is the most unusual, `score` is the percentage of validation slices whose `z` is lower, and `flagged`
-marks a z above that of all but `fpr` of the ordinary validation slices (percentile_and_flag()). Writes to <run>/qc_<split> (or qc_input): qc.csv (a
-row per slice, the input's order), qc.png (the most unusual slices of each cause in turn beside their
-reconstructions and maps), calibration.json and, with --save_nifti, nifti/<name>: the map in the input's
-shape and affine. Scores and how they were chosen: README, QC, and EXPERIMENTS.md, Quality control.
+`family` the one that gives it and `cause` its score that is the most unusual, `score` is the percentage of
+validation slices whose `z` is lower, and `flagged` marks a z above that of all but `fpr` of the ordinary validation
+slices (percentile_and_flag()). Writes to <run>/qc_<split> (or qc_input): qc.csv (a row per slice, the input's
+order), qc.png (the most unusual slices of each cause in turn beside their reconstructions and maps),
+calibration.json and, with --save_nifti, nifti/<name>: the map in the input's shape and affine. Scores and how they
+were chosen: README, QC, and EXPERIMENTS.md, Quality control.
 """
 import json
 import os
@@ -183,8 +184,10 @@ def shown(z, cause, n):
     return [r[k] for k in range(max(map(len, ranked), default=0)) for r in ranked if k < len(r)][:n]
 
 
-GROSS = 6  # twice Tukey's far-out fence: 8.8 standard deviations for normal data, 0.15% of the skewed clean scores in
-           # the tests; the demo validation's ends of scans lie 17-28 interquartile ranges out, its other slices at most 3
+# gross outliers lie this many interquartile ranges above the upper quartile: twice Tukey's far-out fence, 8.8
+# standard deviations for normal data, past 0.15% of the skewed clean scores in the tests; the demo validation's ends
+# of scans lie 17-28 out, its other slices at most 3
+GROSS = 6
 
 
 def percentile_and_flag(z, validation, fpr, names):
@@ -273,7 +276,8 @@ def main(argv):
     scores, maps, rec = slice_scores(p["x"], vqvae, prior, dev, cfg.batch_size, on_cuda(cfg.amp, dev),
                                      p.get("masks"), label_model, cfg.heal_bits)
     fz = family_z(scores, validation)
-    z, family = np.max(list(fz.values()), axis=0), np.array(list(fz))[np.argmax(list(fz.values()), axis=0)]
+    stacked = np.array(list(fz.values()))
+    z, family = stacked.max(0), np.array(list(fz))[stacked.argmax(0)]
     cause = causes(scores, validation, family)
     score, flagged = percentile_and_flag(z, validation, cfg.fpr, list(scores))
     write_text(os.path.join(out, "calibration.json"), json.dumps(dict(

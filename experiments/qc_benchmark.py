@@ -208,9 +208,10 @@ def label_results(raw, labels, clean_idx, scores_of, ref, rng):
 
 def report(r):
     sets = list(next(iter(r["kinds"].values())))
+    flagged = ", ".join(f"{name} {share:.3f} at fpr {fpr}" for name, shares in r["flagged"].items()
+                        for fpr, share in shares.items())
     print(f"\n{r['n_clean']} clean and {r['n_corrupted']} corrupted slices per row, {r['n_ends']} ends of scans; "
-          f"AUROC / AP; {r['seconds']:.0f} s; flagged: " + ", ".join(
-              f"{name} {share:.3f} at fpr {fpr}" for name, v in r["flagged"].items() for fpr, share in v.items()) + "\n")
+          f"AUROC / AP; {r['seconds']:.0f} s; flagged: {flagged}\n")
     print("| kind | severity | " + " | ".join(sets) + " |\n|" + " --- |" * (2 + len(sets)))
     for key, row in r["kinds"].items():
         kind, severity = key.rsplit(" ", 1)

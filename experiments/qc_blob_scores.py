@@ -3,8 +3,8 @@ summed up several ways, and the largest local mean of the error against the slic
 (Pinaya et al. 2022), each a robust z against the VQ-VAE run's validation slices; the AUROC and AP of the QC
 benchmark's clean half against its other half with a blob (artefacts.blob).
 
-    python experiments/qc_blob_scores.py --checkpoint=runs/qs/best_model.pt --prior_checkpoint=runs/qs-prior/best_prior.pt \\
-        --data_dir=data/qc-bench
+    python experiments/qc_blob_scores.py --checkpoint=runs/qs/best_model.pt \\
+        --prior_checkpoint=runs/qs-prior/best_prior.pt --data_dir=data/qc-bench
 """
 import os
 import sys

@@ -258,8 +258,9 @@ def test_the_benchmark_runs_and_rescores_to_the_same_tables(trained, tmp_path):
 def test_the_blob_score_comparison_runs(trained, capsys):
     sys.path.insert(0, os.path.join(os.path.dirname(qc.__file__), "experiments"))
     import qc_blob_scores
-    assert call_main(qc_blob_scores.main, [f"--checkpoint={trained.out / 'best_model.pt'}", f"--data_dir={trained.root}",
-                                           f"--prior_checkpoint={trained.prior / 'best_prior.pt'}"]) == 0
+    args = [f"--checkpoint={trained.out / 'best_model.pt'}", f"--prior_checkpoint={trained.prior / 'best_prior.pt'}",
+            f"--data_dir={trained.root}"]
+    assert call_main(qc_blob_scores.main, args) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert [r.split(" | ")[0][2:] for r in rows] == ["bits_mean", "bits_largest", "bits_top8", "bits_2x2", "bits_3x3",
                                                      "healed_5px", "healed_9px", "healed_15px", "bits_less_median_3x3"]
