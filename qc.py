@@ -295,6 +295,9 @@ def main(argv):
         write_maps(out, p, maps)
     print(f"{len(z)} slices, {int(flagged.sum())} flagged at a validation false-positive rate of {cfg.fpr:g} "
           f"({len(p['skipped'])} skipped) -> {out}")
+    if flagged.any():
+        names, counts = np.unique(cause[flagged], return_counts=True)
+        print("flagged, by cause: " + ", ".join(f"{c} {n}" for n, c in sorted(zip(counts, names), reverse=True)))
 
 
 if __name__ == "__main__":
