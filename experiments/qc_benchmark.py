@@ -120,6 +120,7 @@ def main(argv):
                   flush=True)
     results["labels"] = label_results(raw, labels, clean_idx, scores_of, ref, rng)
     results["flagged"] = flagged_shares(dict(clean=clean, **({"end of scan": written} if ends else {})), ref)
+    results["clean_median_z"] = median_family_z(clean, ref)
     results["seconds"] = time.time() - t0
     write_text(os.path.join(out, "benchmark.json"), json.dumps(results, indent=1))
     every.update({f"validation {k}": v for k, v in ref.items()})
@@ -149,6 +150,12 @@ def kind_row(clean, bad, ref):
     return {name: dict(auroc=auroc(y, v), ap=average_precision(y, v)) for name, v in z.items()}
 
 
+def median_family_z(clean, ref):
+    """{family: the median of its z over the clean slices}: near 0 where the clean slices are like the validation
+    slices, higher where the phantom's population differs from the one the models were trained on."""
+    return {family: float(np.median(z)) for family, z in qc.family_z(clean, ref).items()}
+
+
 def flagged_shares(groups, ref):
     """{group: {fpr: the share of its slices that qc.py flags at that rate}} for groups of slices' scores."""
     return {name: {fpr: float(np.mean(qc.percentile_and_flag(set_z(s, ref, None), ref, fpr, list(s))[1]))
@@ -168,6 +175,7 @@ def rescored(out):
     results["kinds"] = {head: kind_row(clean, bad, ref) for head, bad in group.items()}
     results["flagged"] = flagged_shares(dict(clean=clean, **({"end of scan": group["end_of_scan written"]}
                                                              if "end_of_scan written" in group else {})), ref)
+    results["clean_median_z"] = median_family_z(clean, ref)
     write_text(os.path.join(out, "benchmark.json"), json.dumps(results, indent=1))
     return results
 
@@ -211,7 +219,8 @@ def report(r):
     flagged = ", ".join(f"{name} {share:.3f} at fpr {fpr}" for name, shares in r["flagged"].items()
                         for fpr, share in shares.items())
     print(f"\n{r['n_clean']} clean and {r['n_corrupted']} corrupted slices per row, {r['n_ends']} ends of scans; "
-          f"AUROC / AP; {r['seconds']:.0f} s; flagged: {flagged}\n")
+          f"AUROC / AP; {r['seconds']:.0f} s; flagged: {flagged}; the clean slices' median z: "
+          + ", ".join(f"{family} {z:.2f}" for family, z in r["clean_median_z"].items()) + "\n")
     print("| kind | severity | " + " | ".join(sets) + " |\n|" + " --- |" * (2 + len(sets)))
     for key, row in r["kinds"].items():
         kind, severity = key.rsplit(" ", 1)
