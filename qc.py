@@ -77,12 +77,12 @@ def slice_scores(x, vqvae, prior, dev, batch_size=64, amp=False, masks=None, lab
     xt, rt = torch.from_numpy(x)[:, None], torch.from_numpy(rec).clamp(0, 1)[:, None]
     err = (xt - rt).abs()
     out = dict(recon_ssim=(1 - ssim_torch(rt, xt)).numpy(), recon_mse=(err ** 2).mean((1, 2, 3)).numpy(),
-               recon_local=box_mean(err, LOCAL).amax((1, 2, 3)).numpy())
+               recon_local=largest_mean(err[:, 0], LOCAL))
     maps = smoothed(err)
     if prior is not None:
         codes = torch.from_numpy(codes).to(dev)
-        bits = torch.cat([prior.code_bits(c).float().cpu() for c in codes.split(batch_size)])
-        out.update(prior_bits=bits.mean((1, 2)).numpy(), prior_local=box_mean(bits[:, None], 3).amax((1, 2, 3)).numpy())
+        bits = code_bits(prior, codes, batch_size)
+        out.update(prior_bits=bits.mean((1, 2)).numpy(), prior_local=largest_mean(bits, 3))
         scale = x.shape[1] // bits.shape[1]
         maps = bits.repeat_interleave(scale, 1).repeat_interleave(scale, 2).numpy()
         if heal_bits:
@@ -92,6 +92,16 @@ def slice_scores(x, vqvae, prior, dev, batch_size=64, amp=False, masks=None, lab
     if masks is not None and label_model is not None:
         out["label_fit"] = label_fit(x, masks, label_model)
     return out, maps, rec
+
+
+def largest_mean(maps, win):
+    """Maps (N, H, W) tensor -> the largest mean over a win x win window of each, (N,) numpy."""
+    return box_mean(maps[:, None], win).amax((1, 2, 3)).numpy()
+
+
+def code_bits(prior, codes, batch_size):
+    """The bits each code costs under the prior, (N, h, w) float on the CPU, for grids (N, h, w) on its device."""
+    return torch.cat([prior.code_bits(c).float().cpu() for c in codes.split(batch_size)])
 
 
 def smoothed(err):

@@ -119,8 +119,7 @@ def main(argv):
             print(kind, severity, {k: round(v["auroc"], 3) for k, v in results["kinds"][f"{kind} {severity}"].items()},
                   flush=True)
     results["labels"] = label_results(raw, labels, clean_idx, scores_of, ref, rng)
-    results["flagged"] = flagged_shares(dict(clean=clean, **({"end of scan": written} if ends else {})), ref)
-    results["clean_median_z"] = median_family_z(clean, ref)
+    calibration_rows(results, clean, written if ends else None, ref)
     results["seconds"] = time.time() - t0
     write_text(os.path.join(out, "benchmark.json"), json.dumps(results, indent=1))
     every.update({f"validation {k}": v for k, v in ref.items()})
@@ -150,16 +149,15 @@ def kind_row(clean, bad, ref):
     return {name: dict(auroc=auroc(y, v), ap=average_precision(y, v)) for name, v in z.items()}
 
 
-def median_family_z(clean, ref):
-    """{family: the median of its z over the clean slices}: near 0 where the clean slices are like the validation
-    slices, higher where the phantom's population differs from the one the models were trained on."""
-    return {family: float(np.median(z)) for family, z in qc.family_z(clean, ref).items()}
-
-
-def flagged_shares(groups, ref):
-    """{group: {fpr: the share of its slices that qc.py flags at that rate}} for groups of slices' scores."""
-    return {name: {fpr: float(np.mean(qc.percentile_and_flag(set_z(s, ref, None), ref, fpr, list(s))[1]))
-                   for fpr in (0.01, 0.05)} for name, s in groups.items()}
+def calibration_rows(results, clean, ends, ref):
+    """Into results: "flagged", {group: {fpr: the share of its slices that qc.py flags at that rate}} for the clean
+    slices and the ends of scans (None: none), and "clean_median_z", {family: the median of its z over the clean
+    slices}: near 0 where they are like the validation slices, higher where the phantom's population differs from
+    the one the models were trained on."""
+    groups = dict(clean=clean, **({} if ends is None else {"end of scan": ends}))
+    results["flagged"] = {name: {fpr: float(np.mean(qc.percentile_and_flag(set_z(s, ref, None), ref, fpr, list(s))[1]))
+                                 for fpr in (0.01, 0.05)} for name, s in groups.items()}
+    results["clean_median_z"] = {family: float(np.median(z)) for family, z in qc.family_z(clean, ref).items()}
 
 
 def rescored(out):
@@ -173,9 +171,7 @@ def rescored(out):
     results = json.load(open(os.path.join(out, "benchmark.json")))
     clean, ref = group.pop("clean"), group.pop("validation")
     results["kinds"] = {head: kind_row(clean, bad, ref) for head, bad in group.items()}
-    results["flagged"] = flagged_shares(dict(clean=clean, **({"end of scan": group["end_of_scan written"]}
-                                                             if "end_of_scan written" in group else {})), ref)
-    results["clean_median_z"] = median_family_z(clean, ref)
+    calibration_rows(results, clean, group.get("end_of_scan written"), ref)
     write_text(os.path.join(out, "benchmark.json"), json.dumps(results, indent=1))
     return results
 

@@ -19,7 +19,7 @@ import dataset  # noqa: E402
 import options  # noqa: E402
 import qc  # noqa: E402
 from job import pick_device  # noqa: E402
-from metrics import auroc, average_precision, box_mean  # noqa: E402
+from metrics import auroc, average_precision  # noqa: E402
 from modules import reconstruct  # noqa: E402
 from options import Option  # noqa: E402
 import qc_benchmark  # noqa: E402
@@ -32,11 +32,6 @@ BLOCK = dict({k: v for k, v in qc_benchmark.BLOCK.items() if k not in ("heal_bit
 WINDOWS = (5, 9, 15)  # pixels: the healed error's local means
 
 
-def largest_mean(maps, w):
-    """The largest mean over a w x w window of each map (N, h, w) -> (N,)."""
-    return box_mean(maps[:, None], w).amax((1, 2, 3)).numpy()
-
-
 @torch.no_grad()
 def candidates(x, vqvae, prior, dev, cfg, median=None):
     """{candidate: (N,)} for slices x (N, H, W): the bits' mean, largest code, mean of the 8 largest, largest 2 x 2
@@ -44,14 +39,14 @@ def candidates(x, vqvae, prior, dev, cfg, median=None):
     (given `median`), and the healed error's largest mean over each of WINDOWS."""
     _, codes = reconstruct(vqvae, x, dev, cfg.batch_size, decode=False)
     codes = torch.from_numpy(codes).to(dev)
-    bits = torch.cat([prior.code_bits(c).float().cpu() for c in codes.split(cfg.batch_size)])
+    bits = qc.code_bits(prior, codes, cfg.batch_size)
     out = dict(bits_mean=bits.mean((1, 2)).numpy(), bits_largest=bits.amax((1, 2)).numpy(),
-               bits_top8=bits.flatten(1).topk(8).values.mean(1).numpy(), bits_2x2=largest_mean(bits, 2),
-               bits_3x3=largest_mean(bits, 3))
+               bits_top8=bits.flatten(1).topk(8).values.mean(1).numpy(), bits_2x2=qc.largest_mean(bits, 2),
+               bits_3x3=qc.largest_mean(bits, 3))
     if median is not None:
-        out["bits_less_median_3x3"] = largest_mean(bits - median, 3)
+        out["bits_less_median_3x3"] = qc.largest_mean(bits - median, 3)
     error = (torch.from_numpy(x) - qc.healed(vqvae, prior, codes, cfg.heal_bits, cfg.batch_size)).abs()
-    out.update({f"healed_{w}px": largest_mean(error, w) for w in WINDOWS})
+    out.update({f"healed_{w}px": qc.largest_mean(error, w) for w in WINDOWS})
     return out, bits
 
 
@@ -64,7 +59,7 @@ def main(argv):
                           desc="validate")
     ref, bits = candidates(val["x"], vqvae, prior, dev, cfg)
     median = bits.median(0).values
-    ref["bits_less_median_3x3"] = largest_mean(bits - median, 3)
+    ref["bits_less_median_3x3"] = qc.largest_mean(bits - median, 3)
     raw, _, clean_idx, bad_idx, _, _ = halves(cfg.data_dir, cfg.split, cfg.seed)
     clean, _ = candidates(normalised([raw[i] for i in clean_idx]), vqvae, prior, dev, cfg, median)
     blobs = [artefacts.corrupt("blob", raw[i], np.random.default_rng([cfg.seed, int(i)]), cfg.severity)[0]
