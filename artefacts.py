@@ -64,12 +64,14 @@ from skimage.filters import threshold_otsu
 from skimage.morphology import convex_hull_image
 from skimage.transform import resize
 
+import dataset
 import options
 import phantom
 from options import Option
-from utils import DataError, make_folder, read_slice, run_script, write_csv, write_nifti
+from utils import DataError, make_folder, read_nifti, read_slice, run_script, write_csv, write_nifti
 
 SEVERITIES = ("mild", "moderate")
+END_SHARE = 0.1      # a slice whose labels cover less of it is an end of a scan, past the body: not a clean slice
 PHASE_AXIS = 0       # left-right, the phase-encoding direction of the study's axial slices
 BLOB_EDGE = 3.0      # width in pixels of the blob's soft edge (partial volume)
 
@@ -235,6 +237,35 @@ def corrupt(kind, img, rng, severity):
     severity is checked for every kind, those that ignore it too."""
     out = KINDS[kind](img, rng, _checked(severity))
     return out if kind == "blob" else (out, None)
+
+
+# ---- the benchmark's halves: clean slices, and slices to corrupt -----------------------------------------------
+
+def normalised(images):
+    """Raw slices in intensity units (each its own shape) -> float32 (N, H, W) in [0, 1] at the study's size, as
+    dataset.prepare gives them."""
+    return np.stack([dataset.normalise(a)[0] for a in images])
+
+
+def resized(masks):
+    """Label or blob masks (each its own shape) -> (N, H, W) at the study's size, nearest-neighbour."""
+    return np.stack([m if m.shape == (dataset.H, dataset.W) else
+                     resize(m, (dataset.H, dataset.W), order=0, anti_aliasing=False, preserve_range=True)
+                     for m in masks]).astype(masks[0].dtype)
+
+
+def halves(data_dir, split, seed):
+    """The split's raw slices and labels; the indices of the clean half and of the half to corrupt, drawn from the
+    slices that are neither constant (skipped, as everywhere) nor ends of scans; the ends' indices; and the random
+    generator, to draw on from."""
+    files = dataset.find_splits(data_dir)[split]
+    raw = [read_nifti(f) for f in files]
+    labels = [read_nifti(m).astype(np.uint8) for m in dataset.find_masks(files)]
+    keep = [i for i, a in enumerate(raw) if a.max() > a.min()]
+    ends = [i for i in keep if (labels[i] > 0).mean() < END_SHARE]
+    rng = np.random.default_rng(seed)
+    order = rng.permutation([i for i in keep if i not in ends])
+    return raw, labels, order[:len(order) // 2], order[len(order) // 2:], ends, rng
 
 
 def plot_kinds(img, path, seed=0):

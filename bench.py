@@ -24,11 +24,13 @@ import dataset
 import figures
 import options
 import phantom
+import stages
 import train
 from job import Job
 from metrics import psnr_torch, ssim_torch
-from modules import VQVAE, CodePrior
 from options import Option
+from prior import CodePrior
+from vqvae import VQVAE
 from utils import run_script, write_csv
 
 BLOCK = dict(train.BLOCK, steps=Option(20, at_least=1), warmup=Option(3, at_least=0), prep=Option(False),
@@ -59,7 +61,7 @@ def timed(fn, n_items):
 def bench_vqvae(rows):
     """The training step (train.py's loss, optimiser and settings), inference and the validation metric."""
     torch.manual_seed(0)
-    model = VQVAE(**train.vqvae_args(cfg)).to(job.dev)
+    model = VQVAE(**stages.vqvae_args(cfg)).to(job.dev)
     if job.channels_last:
         model = model.to(memory_format=torch.channels_last)
     step_model = torch.compile(model) if cfg.compile else model
@@ -72,7 +74,7 @@ def bench_vqvae(rows):
 
     def train_step():
         with job.autocast:
-            loss, _ = train.vqvae_loss(step_model, x, cfg.ssim_weight)
+            loss, _ = stages.vqvae_loss(step_model, x, cfg.ssim_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
@@ -119,11 +121,10 @@ def bench_epoch_overhead(rows, model, opt, train_ips):
     x_val = torch.rand(phantom.STUDY_SIZES["validate"], 1, dataset.H, dataset.W, device=job.dev)
     epoch_rows = [dict(epoch=e, steps=e, train_loss=0.01, val_ssim=0.9, val_psnr=30.0, codebook_usage=1.0,
                        perplexity=300.0, lr=1e-3, seconds=2.0) for e in range(cfg.n_epochs)]
-    position = dict(epoch=1, step_in_epoch=0, global_step=1, rows=epoch_rows, best=0.9, elapsed=1.0,
-                    accum=torch.zeros(2))
+    position = train.Position(epoch=1, global_step=1, rows=epoch_rows, best=0.9, elapsed=1.0)
     stage = SimpleNamespace(name="vqvae", model=model, cfg=cfg,
                             data=dict(root="", train=["f"] * phantom.STUDY_SIZES["train"]))
-    took = dict(validation=seconds(lambda: train.validate_vqvae(job, model.eval(), x_val, cfg.n_embeddings,
+    took = dict(validation=seconds(lambda: stages.validate_vqvae(job, model.eval(), x_val, cfg.n_embeddings,
                                                                  cfg.eval_batch_size)),
                 last_pt=seconds(lambda: train.save_last(job, stage, opt, position)),
                 metrics_csv=seconds(lambda: write_csv(job.path("metrics.csv"), list(epoch_rows[0]),
@@ -140,7 +141,7 @@ def bench_epoch_overhead(rows, model, opt, train_ips):
 
 def bench_prior(rows, vqvae):
     """The prior with train.py's prior_* settings: training steps, then sampling with decoding."""
-    prior = CodePrior(**train.prior_args(cfg, cfg.n_embeddings, (dataset.H // 4, dataset.W // 4))).to(job.dev)
+    prior = CodePrior(**stages.prior_args(cfg, cfg.n_embeddings, (dataset.H // 4, dataset.W // 4))).to(job.dev)
     what = f"(d_model {cfg.prior_d_model}, {cfg.prior_n_layers} layers, {cfg.prior_patch}x{cfg.prior_patch} patches)"
     opt = torch.optim.AdamW(prior.parameters(), lr=cfg.prior_learning_rate, fused=job.fused_adamw)
     grids = torch.randint(cfg.n_embeddings, (cfg.prior_batch_size, *prior.grid), device=job.dev)

@@ -1,4 +1,5 @@
-"""Slices from disk to normalised arrays: find the course layout, split by patient, load, resize, normalise, cache.
+"""Slices from disk to normalised arrays and back: find the course layout, split by patient, load, resize, normalise,
+cache; read any NIfTI files, folder or 3D volume, and write results in an input's shape, affine and header.
 
 Normalisation: each slice is scaled by its own minimum and maximum to [0, 1] (the same scaling the reported SSIM
 uses), and (lo, hi) are kept per slice so x * (hi - lo) + lo puts a reconstruction back in the file's units.
@@ -18,7 +19,7 @@ from scipy.ndimage import affine_transform
 from skimage.transform import resize
 
 from pool import n_workers, parallel_map
-from utils import DataError, WriteError, doing, read_nifti, write_file, write_text
+from utils import DataError, WriteError, doing, read_image, read_nifti, write_file, write_nifti, write_text
 
 H, W = 256, 128
 SPLITS = ("train", "validate", "test")
@@ -93,6 +94,20 @@ def read_splits(run_folder):
         raise DataError(f"{path}: cannot read the run's splits ({type(e).__name__}: {e})") from None
 
 
+def split_files(run_folder, split, data_dir=None, data_root=None, val_fraction=0.1, seed=0):
+    """A split's files: from data_dir when given, else from the run's splits.json, else from data_root (the data a
+    checkpoint was trained on), split as the run split it."""
+    if data_dir is None and os.path.exists(os.path.join(run_folder, "splits.json")):
+        splits = read_splits(run_folder)
+        if split in splits:
+            return splits[split]
+    root = data_dir or data_root
+    splits = find_splits(root, val_fraction=val_fraction, seed=seed)
+    if split not in splits:
+        raise DataError(f"{root}: no {split} split")
+    return splits[split]
+
+
 class ConstantSlice(DataError):
     """A slice with one value throughout (scanner padding at the end of a scan): no image to learn, skipped."""
 
@@ -160,6 +175,58 @@ def load_mask(path, image, shape):
     if m.shape != (H, W):
         m = resize(m, (H, W), order=0, anti_aliasing=False, preserve_range=True)
     return m.astype(np.uint8)
+
+
+def read_inputs(path, skip_bad=False):
+    """A NIfTI file or a folder of them, in any layout: 2D slices, or 3D volumes (H, W, D) taken slice by slice along
+    their last axis -> what prepare() gives (x, lo, hi, files: a name per slice, with :k in a volume, masks=None,
+    skipped), with sources (each slice's file), index (its place on a volume's last axis; None in a 2D file) and
+    read (every file read). Constant slices are skipped, and with skip_bad the files that cannot be read; both are
+    listed in skipped."""
+    p = dict(x=[], lo=[], hi=[], files=[], sources=[], index=[], read=[], masks=None, skipped=[])
+    for f in list_slices(path, single_file=True):
+        try:
+            a = read_image(f)[1]
+            if a.ndim not in (2, 3):
+                raise DataError(f"{f}: expected a 2D slice or a 3D volume (H, W, D), got shape {a.shape}")
+        except DataError as e:
+            if not skip_bad:
+                raise
+            p["skipped"].append(str(e))
+            continue
+        vol = a.reshape(a.shape[0], a.shape[1], -1)
+        volume = vol.shape[2] > 1
+        p["read"].append(f)
+        for k in range(vol.shape[2]):
+            name = f"{os.path.basename(f)}:{k}" if volume else os.path.basename(f)
+            try:
+                x, lo, hi = normalise(vol[:, :, k], name)
+            except ConstantSlice as e:
+                p["skipped"].append(str(e))
+                continue
+            for key, v in zip(("x", "lo", "hi", "files", "sources", "index"),
+                              (x, lo, hi, name, f, k if volume else None)):
+                p[key].append(v)
+    if not p["files"]:
+        raise DataError(f"{path}: every slice is constant or unreadable, nothing to read ({len(p['skipped'])} "
+                        "skipped)")
+    return dict(p, x=np.array(p["x"], np.float32), lo=np.array(p["lo"]), hi=np.array(p["hi"]))
+
+
+def to_file_shape(a, shape2d):
+    """A slice (H, W) -> a file's in-plane shape, by linear interpolation."""
+    return a if a.shape == shape2d else resize(a, shape2d, order=1, preserve_range=True, anti_aliasing=False)
+
+
+def write_like(source, slices, index, path, keep_source=True):
+    """Arrays (N, H, W), each for the slice index[i] of the NIfTI file source (None: its only slice) -> a float32
+    NIfTI file at path in the source's shape, affine and header, each slice resized to its in-plane shape; the
+    slices not given are the source's own (keep_source) or zero."""
+    img, a = read_image(source)
+    vol = (a.copy() if keep_source else np.zeros(a.shape)).reshape(a.shape[0], a.shape[1], -1)
+    for k, s in zip(index, slices):
+        vol[:, :, k or 0] = to_file_shape(s, vol.shape[:2])
+    write_nifti(path, vol.reshape(a.shape).astype(np.float32), img.affine, img.header)
 
 
 def denormalise(x, lo, hi):

@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 
 import checkpoints
-from utils import DataError, Terminated, make_folder, newest_first, progress
+import dataset
+from utils import DataError, Terminated, make_folder, newest_first, progress, write_text
 
 SYNC_EVERY = 16  # steps between stop-flag exchanges under DDP
 
@@ -112,6 +113,23 @@ class Job:
         if self.ddp:
             dist.barrier()
 
+    def prepare(self, splits, names, cache_dir, skip_bad):
+        """The named splits read, checked and normalised (dataset.prepare), rank 0 first so that it fills the cache
+        the others read; the slices skipped are listed in skipped.txt."""
+        prepared = {}
+        for s in names:
+            if not self.master:
+                self.barrier()
+            prepared[s] = dataset.prepare(splits[s], cache_dir, skip_bad, desc=s)
+            if self.master:
+                self.barrier()
+        skipped = [m for p in prepared.values() for m in p["skipped"]]
+        if self.master and skipped:
+            write_text(self.path("skipped.txt"), "\n".join(skipped) + "\n")
+            self.log(f"skipped {len(skipped)} slices, constant or bad (listed in {self.path('skipped.txt')}):\n  "
+                     + "\n  ".join(skipped[:5]) + ("\n  ..." if len(skipped) > 5 else ""))
+        return prepared
+
     def wrap(self, model, compile_model):
         """What the training steps call: the model, through torch.compile if asked, and DDP under torchrun."""
         net = torch.compile(model) if compile_model else model
@@ -140,7 +158,7 @@ class Job:
             dist.destroy_process_group()
 
     # ---- resume ------------------------------------------------------------------------------------------------
-    def resume_state(self, cfg, block):
+    def resume_state(self, cfg, block, best_file):
         """last.pt of the run being resumed (None for a new run), refused unless its settings match this command's
         in every option that is not resumable. The best score comes from the best checkpoint itself, so that a run
         killed between the two files stays consistent."""
@@ -154,7 +172,7 @@ class Job:
                        if not block[k].resumable and state["config"].get(k) != v]
         if differences:
             raise DataError(f"--resume: will not continue {self.out}, its settings differ: {'; '.join(differences)}")
-        best = self.path("best_model.pt" if cfg.stage == "vqvae" else "best_prior.pt")
+        best = self.path(best_file)
         state["position"]["best"] = checkpoints.load(best)["score"] if os.path.exists(best) else -math.inf
         return state
 
@@ -204,6 +222,12 @@ def claim_folder(out_dir):
         except OSError as e:
             raise DataError(f"{out}: cannot create the run folder ({e.strerror or e})") from None
     raise DataError(f"{stamp}: no free run folder name")
+
+
+def lr_at(step, progress, peak, warmup):
+    """The learning rate: linear warm-up, then cosine decay to 10% over the run's progress (by steps or by wall time,
+    as StopRule measures it)."""
+    return peak * min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
 class StopRule:

@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from skimage.filters import threshold_triangle
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from dataset import REGIONS
-from modules import reconstruct
+from dataset import REGIONS, case_id, prepare
 from utils import write_csv
 
 MIN_REGION_PIXELS = 20  # a slice counts toward a region's mean only where the region has this many pixels
@@ -92,6 +91,24 @@ def write_per_slice(path, names, scores):
     """per_slice.csv: one row per slice, a column per score; empty where a region is absent."""
     write_csv(path, ["file", *scores], [[name, *("" if np.isnan(v[i]) else f"{v[i]:.6f}" for v in scores.values())]
                                         for i, name in enumerate(names)])
+
+
+@torch.no_grad()
+def reconstruct(model, x, device, batch_size=64, amp=False, decode=True):
+    """A VQ-VAE (in eval mode) over slices x float32 (N, H, W) in [0, 1] (numpy) -> reconstructions (N, H, W) numpy,
+    unclipped (None without decode), and codes (N, h, w); with amp, under bf16 autocast (as in training on the GPU
+    path)."""
+    recs, codes, device = [], [], torch.device(device)
+    for i in range(0, len(x), batch_size):
+        xb = torch.as_tensor(x[i:i + batch_size], device=device)[:, None]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            if decode:
+                rec, _, idx = model(xb)
+                recs.append(rec.float()[:, 0].cpu().numpy())
+            else:
+                idx = model.encode(xb)
+        codes.append(idx.cpu().numpy())
+    return np.concatenate(recs) if decode else None, np.concatenate(codes)
 
 
 def evaluate_split(model, prepared, device, batch_size=64, amp=False):
@@ -262,6 +279,51 @@ def wilson(k, n, z=1.96):
     p, d = k / n, 1 + z * z / n
     centre, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
     return [centre - half, centre + half]
+
+
+def real_slices(vqvae, splits, cache_dir, dev, batch_size=64, amp=False):
+    """The real slices samples are judged against, each as the VQ-VAE reconstructs it (samples are decoder outputs
+    too): the training split's, with each one's patient, and the validation split's; and the stored training
+    slices, for the search of each sample's nearest."""
+    out = {}
+    for split in ("train", "validate"):
+        p = prepare(splits[split], cache_dir, True, desc=split)
+        rec, _ = reconstruct(vqvae, p["x"], dev, batch_size, amp)
+        out[split] = torch.from_numpy(rec).clamp(0, 1)[:, None]
+        if split == "train":
+            out["train_x"] = torch.from_numpy(p["x"])[:, None]
+            out["patients"] = [case_id(f) for f in p["files"]]
+    return out
+
+
+def judge(samples, real, n_real=256, c2st_steps=100, seed=0):
+    """Samples (N, 1, H, W) in [0, 1] against real_slices(), the measures of README, Generation: the two-sample test
+    against n_real training reconstructions; density and coverage of half the training patients by the samples
+    beside the same by the other half (the real yardstick), each reference slice's reach set by other patients'
+    slices; diversity and symmetry beside the real slices'; and each sample's SSIM to its nearest training slice
+    beside the same for validation reconstructions (patients the prior never saw), which no copy of a training
+    slice matches -> (measures, each sample's SSIM to its nearest training slice, that slice's index)."""
+    pick = np.linspace(0, len(real["train"]) - 1, min(n_real, len(real["train"]))).astype(int)
+    compared = real["train"][pick]
+    patients = np.asarray(real["patients"])
+    halves = np.isin(patients, sorted(set(patients))[::2])
+    a, b = real["train"][halves][:n_real], real["train"][~halves][:n_real]
+    # k: the neighbours that set each real slice's reach, of other patients where half a holds more than one
+    by = patients[halves][:n_real]
+    others = int(min(np.sum(by != p) for p in by))
+    by, k = (by, min(5, others)) if others else (None, min(5, len(a) - 1))
+    n = min(len(b), len(samples))
+    pool = coarse(real["train_x"])
+    s_samples, nearest = nearest_ssim(coarse(samples), pool)
+    s_val, _ = nearest_ssim(coarse(real["validate"]), pool)
+    return dict(c2st=c2st(compared, samples, steps=c2st_steps, seed=seed),
+                density_coverage=dict(samples=density_coverage(coarse(a), coarse(samples[:n]), k, by),
+                                      real=density_coverage(coarse(a), coarse(b[:n]), k, by), n_reference=len(a),
+                                      n=n, k=k, radii="another patient's slices" if others else "any other slice"),
+                diversity=dict(samples=median_pairwise_ssim(coarse(samples)),
+                               real=median_pairwise_ssim(coarse(compared))),
+                symmetry=dict(samples=quartiles(mirror_ssim(samples)), real=quartiles(mirror_ssim(compared))),
+                nearest_train_ssim=dict(samples=quartiles(s_samples), validation=quartiles(s_val))), s_samples, nearest
 
 
 # ---- quality control -----------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ import json
 import os
 
 import numpy as np
-from skimage.transform import resize
 
 import checkpoints
 import dataset
@@ -22,7 +21,7 @@ import options
 from job import on_cuda, pick_device
 from metrics import evaluate_split, split_means, write_per_slice
 from options import Option
-from utils import DataError, doing, make_folder, read_image, run_script, write_nifti, write_text
+from utils import doing, make_folder, run_script, write_text
 
 BLOCK = dict(
     checkpoint=Option(None, kind=str),   # None = the newest runs/*/best_model.pt
@@ -39,76 +38,25 @@ BLOCK = dict(
 )
 
 
-def split_files(ckpt_path, ckpt, data_dir, split):
-    """The split's files: from data_dir, else the run's splits.json, else the checkpoint's data root."""
-    if data_dir is None and os.path.exists(os.path.join(os.path.dirname(ckpt_path), "splits.json")):
-        splits = dataset.read_splits(os.path.dirname(ckpt_path))
-        if split in splits:
-            return splits[split]
-    root = data_dir or ckpt["data_root"]
-    splits = dataset.find_splits(root, val_fraction=ckpt["config"]["val_fraction"], seed=ckpt["config"]["seed"])
-    if split not in splits:
-        raise DataError(f"{root}: no {split} split")
-    return splits[split]
-
-
-def to_file_shape(rec, shape2d):
-    """A reconstruction (H, W) in intensity units -> the file's in-plane shape, by linear interpolation."""
-    if rec.shape == shape2d:
-        return rec
-    return resize(rec, shape2d, order=1, preserve_range=True, anti_aliasing=False)
-
-
-def read_input(path):
-    """One NIfTI file, a 2D slice or a 3D volume (H, W, D) taken slice by slice along its last axis -> (its image,
-    its array, and its slices as dataset.prepare gives them: x, lo, hi, files (a name per slice), masks=None,
-    skipped, and index (each slice's place on the last axis)). Constant slices are skipped."""
-    img, a = read_image(path)
-    if a.ndim not in (2, 3):
-        raise DataError(f"{path}: expected a 2D slice or a 3D volume (H, W, D), got shape {a.shape}")
-    vol = a.reshape(a.shape[0], a.shape[1], -1)
-    name = os.path.basename(path)
-    p = dict(x=[], lo=[], hi=[], files=[], index=[], masks=None, skipped=[])
-    for k in range(vol.shape[2]):
-        label = name if vol.shape[2] == 1 else f"{name}:{k}"
-        try:
-            x, lo, hi = dataset.normalise(vol[:, :, k], label)
-        except dataset.ConstantSlice as e:
-            p["skipped"].append(str(e))
-            continue
-        for key, v in zip(("x", "lo", "hi", "files", "index"), (x, lo, hi, label, k)):
-            p[key].append(v)
-    return img, a, dict(p, x=np.array(p["x"], np.float32).reshape(-1, dataset.H, dataset.W),
-                        lo=np.array(p["lo"]), hi=np.array(p["hi"]))
-
-
-def write_back(img, a, p, rec, path):
-    """Reconstructions (N, 256, 128) in [0, 1] -> a NIfTI file with the input's shape, affine, header and
-    intensity units; skipped (constant) slices are copied through unchanged."""
-    vol = a.reshape(a.shape[0], a.shape[1], -1).copy()
-    units = dataset.denormalise(rec.astype(np.float64), p["lo"][:, None, None], p["hi"][:, None, None])
-    for k, r in zip(p["index"], units):
-        vol[:, :, k] = to_file_shape(r, vol.shape[:2])
-    write_nifti(path, vol.reshape(a.shape).astype(np.float32), img.affine, img.header)
-
-
 def predict_inputs(model, dev, out, cfg):
-    """--input: reconstruct every file and write it back under out/nifti -> (x, rec, a name per slice, scores,
-    skipped) over all the files."""
+    """--input: reconstruct every slice of the files and write each file back under out/nifti, in its shape, affine,
+    header and units -> (x, rec, a name per slice, scores, skipped)."""
+    p = dataset.read_inputs(cfg.input)
+    doing(f"reconstructing and scoring {len(p['x'])} slices of {cfg.input}")
+    rec, scores, _ = evaluate_split(model, p, dev, cfg.batch_size, on_cuda(cfg.amp, dev))
+    write_units(out, p, rec)
+    return p["x"], rec, p["files"], scores, p["skipped"]
+
+
+def write_units(out, p, rec):
+    """Reconstructions (N, 256, 128) in [0, 1] of prepared slices p -> out/nifti/<source name>, in each source's
+    shape, affine, header and intensity units; the slices left out (constant) are copied through unchanged."""
     make_folder(os.path.join(out, "nifti"))
-    xs, recs, names, scores, skipped = [], [], [], [], []
-    for path in dataset.list_slices(cfg.input, single_file=True):
-        doing(f"reconstructing {path}")
-        img, a, p = read_input(path)
-        rec, s, _ = evaluate_split(model, p, dev, cfg.batch_size, on_cuda(cfg.amp, dev)) if len(p["x"]) else (
-            p["x"], None, None)
-        write_back(img, a, p, rec, os.path.join(out, "nifti", os.path.basename(path)))
-        xs.append(p["x"]), recs.append(rec), names.extend(p["files"]), skipped.extend(p["skipped"])
-        scores += [s] if s else []
-    if not names:
-        raise DataError(f"{cfg.input}: every slice is constant, nothing to reconstruct")
-    return (np.concatenate(xs), np.concatenate(recs), names,
-            {c: np.concatenate([s[c] for s in scores]) for c in scores[0]}, skipped)
+    units = dataset.denormalise(rec.astype(np.float64), p["lo"][:, None, None], p["hi"][:, None, None])
+    for src in p.get("read", p["sources"]):
+        mine = [i for i, s in enumerate(p["sources"]) if s == src]
+        dataset.write_like(src, units[mine], [p["index"][i] for i in mine],
+                           os.path.join(out, "nifti", os.path.basename(src)))
 
 
 def write_results(out, x, rec, names, scores, metrics, n_show, masks=None):
@@ -121,15 +69,13 @@ def write_results(out, x, rec, names, scores, metrics, n_show, masks=None):
 
 def predict_split(model, dev, out, cfg, ckpt_path, ckpt):
     """A split of the data: reconstructed, scored, and with --save_nifti written back beside the inputs' names."""
-    p = dataset.prepare(split_files(ckpt_path, ckpt, cfg.data_dir, cfg.split), None, cfg.skip_bad, desc=cfg.split)
+    files = dataset.split_files(os.path.dirname(ckpt_path), cfg.split, cfg.data_dir, ckpt["data_root"],
+                                ckpt["config"]["val_fraction"], ckpt["config"]["seed"])
+    p = dataset.prepare(files, None, cfg.skip_bad, desc=cfg.split)
     doing(f"reconstructing and scoring the {cfg.split} split")
     rec, scores, _ = evaluate_split(model, p, dev, cfg.batch_size, on_cuda(cfg.amp, dev))
     if cfg.save_nifti:
-        make_folder(os.path.join(out, "nifti"))
-        for i, src in enumerate(p["files"]):
-            img, a = read_image(src)
-            write_back(img, a, dict(index=[0], lo=p["lo"][i:i + 1], hi=p["hi"][i:i + 1]), rec[i:i + 1],
-                       os.path.join(out, "nifti", os.path.basename(src)))
+        write_units(out, dict(p, sources=p["files"], index=[None] * len(p["files"])), rec)
     return p["x"], rec, [os.path.basename(f) for f in p["files"]], scores, p["skipped"], p["masks"]
 
 

@@ -26,11 +26,9 @@ import dataset
 import figures
 import options
 from job import on_cuda, pick_device
-from metrics import MIN_REGION_PIXELS, box_mean, image_statistics, ssim_torch
-from modules import reconstruct
+from metrics import MIN_REGION_PIXELS, box_mean, image_statistics, reconstruct, ssim_torch
 from options import Option
-from predict import read_input, split_files, to_file_shape
-from utils import DataError, doing, make_folder, read_image, run_script, write_csv, write_nifti, write_text
+from utils import DataError, doing, make_folder, run_script, write_csv, write_text
 
 BLOCK = dict(
     checkpoint=Option(None, kind=str),        # the VQ-VAE; None = the newest runs/*/best_model.pt
@@ -113,7 +111,7 @@ def healed(vqvae, prior, codes, heal_bits, batch_size, seed=0):
     """The slices as the VQ-VAE decodes their codes once the prior has redrawn each code that costs more than
     heal_bits given the ones before it (Pinaya et al. 2022) -> (N, H, W) tensor in [0, 1]."""
     gen = torch.Generator(device=codes.device).manual_seed(seed)
-    return torch.cat([vqvae.decode(prior.sample(len(c), 1.0, 0, gen, given=c, heal_bits=heal_bits)).float()
+    return torch.cat([vqvae.decode(prior.sample(len(c), generator=gen, given=c, heal_bits=heal_bits)).float()
                       for c in codes.split(batch_size)]).clamp(0, 1)[:, 0].cpu()
 
 
@@ -214,51 +212,36 @@ def percentile_and_flag(z, validation, fpr, names):
 
 # ---- the run -----------------------------------------------------------------------------------------------------
 
-def load_models(cfg, dev):
-    path = checkpoints.find(cfg.checkpoint, "runs/*/best_model.pt")
+def load_models(checkpoint, prior_checkpoint, dev):
+    """The VQ-VAE (the newest runs/*/best_model.pt for None) and, if given, its prior -> (path, ckpt, vqvae, prior)."""
+    path = checkpoints.find(checkpoint, "runs/*/best_model.pt")
     vqvae, ckpt = checkpoints.load_model(path, dev, "vqvae")
     prior = None
-    if cfg.prior_checkpoint:
-        prior, pckpt = checkpoints.load_model(cfg.prior_checkpoint, dev, "prior")
+    if prior_checkpoint:
+        prior, pckpt = checkpoints.load_model(prior_checkpoint, dev, "prior")
         if os.path.abspath(pckpt["vqvae_checkpoint"]) != os.path.abspath(path):
-            raise DataError(f"{cfg.prior_checkpoint}: a prior of {pckpt['vqvae_checkpoint']}'s codes, not of {path}'s")
+            raise DataError(f"{prior_checkpoint}: a prior of {pckpt['vqvae_checkpoint']}'s codes, not of {path}'s")
     return path, ckpt, vqvae, prior
 
 
 def inputs(cfg, path, ckpt):
     """The slices to check: {x, files (a name per slice), index (its place in a volume, or None), masks, skipped,
-    sources (the file of each slice), bad}."""
-    if not cfg.input:
-        p = dataset.prepare(split_files(path, ckpt, cfg.data_dir, cfg.split), None, cfg.skip_bad, desc=cfg.split)
-        return dict(p, index=[None] * len(p["x"]), sources=p["files"])
-    xs, names, index, sources, skipped = [], [], [], [], []
-    for f in dataset.list_slices(cfg.input, single_file=True):
-        try:
-            _, a, p = read_input(f)
-        except DataError as e:
-            if not cfg.skip_bad:
-                raise
-            skipped.append(str(e))
-            continue
-        volume = a.ndim == 3 and a.shape[2] > 1
-        xs.append(p["x"])
-        names += p["files"]
-        index += [k if volume else None for k in p["index"]]
-        sources += [f] * len(p["files"])
-        skipped += p["skipped"]
-    if not names:
-        raise DataError(f"{cfg.input}: no slice to check ({len(skipped)} skipped)")
-    return dict(x=np.concatenate(xs), files=names, index=index, sources=sources, masks=None, skipped=skipped)
+    sources (the file of each slice)}: a split of the run's data, or --input's files."""
+    if cfg.input:
+        return dataset.read_inputs(cfg.input, cfg.skip_bad)
+    files = dataset.split_files(os.path.dirname(path), cfg.split, cfg.data_dir, ckpt["data_root"],
+                                ckpt["config"]["val_fraction"], ckpt["config"]["seed"])
+    p = dataset.prepare(files, None, cfg.skip_bad, desc=cfg.split)
+    return dict(p, index=[None] * len(p["x"]), sources=p["files"])
 
 
-def calibration_of(run_folder, vqvae, prior, dev, cfg, cache_dir):
+def calibration_of(run_folder, vqvae, prior, dev, batch_size, amp, cache_dir):
     """The scores of the run's validation slices, against which every slice is read, and the label model where
     that split has labels."""
     val = dataset.prepare(dataset.read_splits(run_folder)["validate"], cache_dir, True, desc="validate")
     doing("scoring the validation slices for calibration")
     label_model = None if val["masks"] is None else fit_label_model(val["x"], val["masks"])
-    scores, _, _ = slice_scores(val["x"], vqvae, prior, dev, cfg.batch_size, on_cuda(cfg.amp, dev), val["masks"],
-                                label_model)
+    scores, _, _ = slice_scores(val["x"], vqvae, prior, dev, batch_size, amp, val["masks"], label_model)
     return scores, label_model
 
 
@@ -266,21 +249,19 @@ def write_maps(out, p, maps):
     """Each source file's maps as NIfTI under out/nifti, in its shape and affine (volumes slice by slice)."""
     make_folder(os.path.join(out, "nifti"))
     for src in dict.fromkeys(p["sources"]):
-        img, a = read_image(src)
-        vol = np.zeros(a.shape[:2] + (int(np.prod(a.shape[2:])),), np.float32)
-        for i in (i for i, s in enumerate(p["sources"]) if s == src):
-            vol[:, :, p["index"][i] or 0] = to_file_shape(maps[i], vol.shape[:2])
-        write_nifti(os.path.join(out, "nifti", os.path.basename(src)), vol.reshape(a.shape), img.affine)
+        mine = [i for i, s in enumerate(p["sources"]) if s == src]
+        dataset.write_like(src, maps[mine], [p["index"][i] for i in mine],
+                           os.path.join(out, "nifti", os.path.basename(src)), keep_source=False)
 
 
 def main(argv):
     cfg = options.parse(BLOCK, argv)
     dev = pick_device(cfg.device)
-    path, ckpt, vqvae, prior = load_models(cfg, dev)
+    path, ckpt, vqvae, prior = load_models(cfg.checkpoint, cfg.prior_checkpoint, dev)
     out = cfg.out_dir or os.path.join(os.path.dirname(path), f"qc_{'input' if cfg.input else cfg.split}")
     make_folder(out)
-    validation, label_model = calibration_of(os.path.dirname(path), vqvae, prior, dev, cfg,
-                                             ckpt["config"]["cache_dir"])
+    validation, label_model = calibration_of(os.path.dirname(path), vqvae, prior, dev, cfg.batch_size,
+                                             on_cuda(cfg.amp, dev), ckpt["config"]["cache_dir"])
     p = inputs(cfg, path, ckpt)
     doing(f"scoring {len(p['x'])} slices")
     scores, maps, rec = slice_scores(p["x"], vqvae, prior, dev, cfg.batch_size, on_cuda(cfg.amp, dev),

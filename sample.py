@@ -19,8 +19,7 @@ import dataset
 import figures
 import options
 from job import on_cuda, pick_device
-from metrics import c2st, coarse, density_coverage, median_pairwise_ssim, mirror_ssim, nearest_ssim, quartiles
-from modules import reconstruct
+from metrics import judge, real_slices
 from options import Option
 from utils import doing, make_folder, read_image, run_script, write_nifti, write_text
 
@@ -44,54 +43,9 @@ def draw(prior, vqvae, dev, cfg):
     """cfg.n_samples decoded samples (N, 1, H, W) in [0, 1], from a seeded generator."""
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on_cuda(cfg.amp, dev)):
-        codes = torch.cat([prior.sample(len(c), cfg.temperature, cfg.top_k, generator=gen)
+        codes = torch.cat([prior.sample(len(c), temperature=cfg.temperature, top_k=cfg.top_k, generator=gen)
                            for c in torch.arange(cfg.n_samples).split(cfg.batch_size)])
         return torch.cat([vqvae.decode(c).float().clamp(0, 1) for c in codes.split(cfg.batch_size)])
-
-
-def real_slices(vqvae, splits, cache_dir, dev, cfg):
-    """The real slices samples are judged against, each as the VQ-VAE reconstructs it (samples are decoder outputs
-    too): the training split's, with each one's patient, and the validation split's; and the stored training
-    slices, for the search of each sample's nearest."""
-    amp = on_cuda(cfg.amp, dev)
-    out = {}
-    for split in ("train", "validate"):
-        p = dataset.prepare(splits[split], cache_dir, True, desc=split)
-        rec, _ = reconstruct(vqvae, p["x"], dev, cfg.batch_size, amp)
-        out[split] = torch.from_numpy(rec).clamp(0, 1)[:, None]
-        if split == "train":
-            out["train_x"] = torch.from_numpy(p["x"])[:, None]
-            out["patients"] = [dataset.case_id(f) for f in p["files"]]
-    return out
-
-
-def judge(samples, real, cfg):
-    """The measures of README, Generation: the two-sample test against n_real training reconstructions; density and
-    coverage of half the training patients by the samples beside the same by the other half (the real yardstick),
-    each reference slice's reach set by other patients' slices; diversity and symmetry beside the real slices'; and
-    each sample's SSIM to its nearest training slice beside the same for validation reconstructions (patients the
-    prior never saw), which no copy of a training slice matches."""
-    pick = np.linspace(0, len(real["train"]) - 1, min(cfg.n_real, len(real["train"]))).astype(int)
-    compared = real["train"][pick]
-    patients = np.asarray(real["patients"])
-    halves = np.isin(patients, sorted(set(patients))[::2])
-    a, b = real["train"][halves][:cfg.n_real], real["train"][~halves][:cfg.n_real]
-    # k: the neighbours that set each real slice's reach, of other patients where half a holds more than one
-    by = patients[halves][:cfg.n_real]
-    others = int(min(np.sum(by != p) for p in by))
-    by, k = (by, min(5, others)) if others else (None, min(5, len(a) - 1))
-    n = min(len(b), len(samples))
-    pool = coarse(real["train_x"])
-    s_samples, nearest = nearest_ssim(coarse(samples), pool)
-    s_val, _ = nearest_ssim(coarse(real["validate"]), pool)
-    return dict(c2st=c2st(compared, samples, steps=cfg.c2st_steps, seed=cfg.seed),
-                density_coverage=dict(samples=density_coverage(coarse(a), coarse(samples[:n]), k, by),
-                                      real=density_coverage(coarse(a), coarse(b[:n]), k, by), n_reference=len(a),
-                                      n=n, k=k, radii="another patient's slices" if others else "any other slice"),
-                diversity=dict(samples=median_pairwise_ssim(coarse(samples)),
-                               real=median_pairwise_ssim(coarse(compared))),
-                symmetry=dict(samples=quartiles(mirror_ssim(samples)), real=quartiles(mirror_ssim(compared))),
-                nearest_train_ssim=dict(samples=quartiles(s_samples), validation=quartiles(s_val))), s_samples, nearest
 
 
 def report(m):
@@ -124,9 +78,9 @@ def main(argv):
     doing(f"drawing {cfg.n_samples} samples from {path}")
     samples = draw(prior, vqvae, dev, cfg).cpu()
     seconds = time.time() - t0
-    real = real_slices(vqvae, splits, ckpt["config"]["cache_dir"], dev, cfg)
+    real = real_slices(vqvae, splits, ckpt["config"]["cache_dir"], dev, cfg.batch_size, on_cuda(cfg.amp, dev))
     doing("judging the samples against real slices")
-    measures, to_train, nearest = judge(samples, real, cfg)
+    measures, to_train, nearest = judge(samples, real, cfg.n_real, cfg.c2st_steps, cfg.seed)
     result = dict(n_samples=cfg.n_samples, temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed,
                   sampling_seconds=seconds, prior_checkpoint=os.path.abspath(path), **measures)
     write_text(os.path.join(out, "measures.json"), json.dumps(result, indent=1))

@@ -4,7 +4,7 @@ project; kept so that the comparison can be rerun.
 
     python experiments/prior_designs.py --design=patches --vqvae_checkpoint=runs/gen-vqvae/best_model.pt
 
-designs: patches   modules.CodePrior, the design train.py uses (2x2 patches, full causal attention)
+designs: patches   prior.CodePrior, the design train.py uses (2x2 patches, full causal attention)
          window    code by code, each attending to the 64 codes before it (two grid rows), rows read centre-out,
                    fed the previous, the three inward and the mirrored codes
          masked    MaskGIT (Chang et al. 2022): bidirectional over 2x2 patches, masked codes predicted, drawn in
@@ -28,10 +28,10 @@ import checkpoints  # noqa: E402
 import dataset  # noqa: E402
 import figures  # noqa: E402
 import options  # noqa: E402
-import sample  # noqa: E402
-import train  # noqa: E402
-from modules import CodePrior, centre_out, draw_code, reconstruct  # noqa: E402
+from job import lr_at  # noqa: E402
+from metrics import judge, real_slices, reconstruct  # noqa: E402
 from options import Option  # noqa: E402
+from prior import CodePrior, centre_out, draw_code  # noqa: E402
 from utils import make_folder, run_script, write_text  # noqa: E402
 
 BLOCK = dict(
@@ -226,7 +226,7 @@ class Hierarchy(nn.Module):
 
     @torch.no_grad()
     def sample(self, n, temperature, generator):
-        top = self.top_prior.sample(n, temperature, 0, generator)
+        top = self.top_prior.sample(n, temperature=temperature, generator=generator)
         return self.bottom.sample(n, temperature, generator, top)
 
 
@@ -240,7 +240,7 @@ def fit(model, codes, seconds, lr, batch, warmup, loss=None):
     while time.time() - t0 < seconds:
         for idx in np.array_split(rng.permutation(len(codes)), len(codes) // batch):
             for g in opt.param_groups:
-                g["lr"] = train.lr_at(step, (time.time() - t0) / seconds, lr, warmup)
+                g["lr"] = lr_at(step, (time.time() - t0) / seconds, lr, warmup)
             value = loss(idx)
             opt.zero_grad()
             value.backward()
@@ -281,17 +281,16 @@ def main(argv):
     model.eval()
     gen = torch.Generator().manual_seed(cfg.seed)
     t0 = time.time()
-    grids = torch.cat([model.sample(64, cfg.temperature, generator=gen) for _ in range(4)])
+    grids = torch.cat([model.sample(64, temperature=cfg.temperature, generator=gen) for _ in range(4)])
     samples = torch.cat([vqvae.decode(g).float().clamp(0, 1) for g in grids.split(64)])
     seconds = time.time() - t0
-    judge_cfg = options.parse(sample.BLOCK, [f"--seed={cfg.seed}"])  # sample.py's own measures, as it sets them
-    real = sample.real_slices(vqvae, splits, ckpt["config"]["cache_dir"], torch.device("cpu"), judge_cfg)
-    measures, _, _ = sample.judge(samples, real, judge_cfg)
+    real = real_slices(vqvae, splits, ckpt["config"]["cache_dir"], torch.device("cpu"))
+    measures, _, _ = judge(samples, real, seed=cfg.seed)  # sample.py's measures, at its defaults
     write_text(os.path.join(out, "measures.json"), json.dumps(dict(design=cfg.design, steps=steps,
                                                                    sampling_seconds=seconds, **measures), indent=1))
     figures.plot_grid(samples[:16, 0].numpy(), os.path.join(out, "samples.png"))
     print(f"{cfg.design}: {steps} steps; 256 samples in {seconds:.0f} s -> {out}")
-    sample.report(measures)
+    print(json.dumps(measures, indent=1))
 
 
 if __name__ == "__main__":

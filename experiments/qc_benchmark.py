@@ -16,7 +16,6 @@ import sys
 import time
 
 import numpy as np
-from skimage.transform import resize
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import artefacts  # noqa: E402
@@ -26,7 +25,7 @@ import qc  # noqa: E402
 from job import pick_device  # noqa: E402
 from metrics import auroc, average_precision  # noqa: E402
 from options import Option  # noqa: E402
-from utils import make_folder, read_nifti, run_script, write_file, write_text  # noqa: E402
+from utils import make_folder, run_script, write_file, write_text  # noqa: E402
 
 BLOCK = dict(
     checkpoint=Option(None, kind=str),
@@ -45,21 +44,7 @@ SETS = dict(combined=None,  # every score qc.py computes (but label_fit, which h
             reconstruction=("recon_ssim", "recon_mse", "recon_local"),
             prior=("prior_bits", "prior_local"),
             statistics=qc.STATISTICS)
-END_SHARE = 0.1  # a slice whose labels cover less of it is an end of a scan, past the body: not a clean slice
 LABEL_FAULTS = ("another slice's", "flipped left-right", "an organ where the image shows none")
-
-
-def normalised(images):
-    """Raw slices in intensity units (each its own shape) -> float32 (N, H, W) in [0, 1] at the study's size, as
-    dataset.prepare gives them."""
-    return np.stack([dataset.normalise(a)[0] for a in images])
-
-
-def resized(masks):
-    """Label or blob masks (each its own shape) -> (N, H, W) at the study's size, nearest-neighbour."""
-    return np.stack([m if m.shape == (dataset.H, dataset.W) else
-                     resize(m, (dataset.H, dataset.W), order=0, anti_aliasing=False, preserve_range=True)
-                     for m in masks]).astype(masks[0].dtype)
 
 
 def set_z(scores, validation, names):
@@ -84,20 +69,19 @@ def main(argv):
     if cfg.rescore:
         return report(rescored(cfg.out_dir))
     dev = pick_device(cfg.device)
-    qcfg = options.parse(qc.BLOCK, [f"--checkpoint={cfg.checkpoint}"] + (
-        [f"--prior_checkpoint={cfg.prior_checkpoint}"] if cfg.prior_checkpoint else []))
-    path, ckpt, vqvae, prior = qc.load_models(qcfg, dev)
+    path, ckpt, vqvae, prior = qc.load_models(cfg.checkpoint, cfg.prior_checkpoint, dev)
     out = cfg.out_dir or os.path.join(os.path.dirname(path), "qc_benchmark")
     make_folder(out)
     t0 = time.time()
-    ref, label_model = qc.calibration_of(os.path.dirname(path), vqvae, prior, dev, qcfg, ckpt["config"]["cache_dir"])
-    raw, labels, clean_idx, bad_idx, ends, rng = halves(cfg.data_dir, cfg.split, cfg.seed)
+    ref, label_model = qc.calibration_of(os.path.dirname(path), vqvae, prior, dev, cfg.batch_size, False,
+                                         ckpt["config"]["cache_dir"])
+    raw, labels, clean_idx, bad_idx, ends, rng = artefacts.halves(cfg.data_dir, cfg.split, cfg.seed)
 
     def scores_of(images, lab=None, maps_too=False):
         """The scores of raw slices (with label_fit where labels are given), and their maps and normalised slices."""
-        x = normalised(images)
-        s, maps, _ = qc.slice_scores(x, vqvae, prior, dev, cfg.batch_size, False, None if lab is None else resized(lab),
-                                     label_model)
+        x = artefacts.normalised(images)
+        s, maps, _ = qc.slice_scores(x, vqvae, prior, dev, cfg.batch_size, False,
+                                     None if lab is None else artefacts.resized(lab), label_model)
         return (s, maps, x) if maps_too else s
 
     clean = scores_of([raw[i] for i in clean_idx])
@@ -115,7 +99,8 @@ def main(argv):
             every.update({f"{kind} {severity} {k}": v for k, v in bad.items()})
             results["kinds"][f"{kind} {severity}"] = kind_row(clean, bad, ref)
             if kind == "blob":
-                results["maps"][severity] = blob_maps(resized([b for _, b in made]), maps, x, vqvae, prior, dev, cfg)
+                results["maps"][severity] = blob_maps(artefacts.resized([b for _, b in made]), maps, x, vqvae, prior,
+                                                      dev, cfg)
             print(kind, severity, {k: round(v["auroc"], 3) for k, v in results["kinds"][f"{kind} {severity}"].items()},
                   flush=True)
     results["labels"] = label_results(raw, labels, clean_idx, scores_of, ref, rng)
@@ -125,20 +110,6 @@ def main(argv):
     every.update({f"validation {k}": v for k, v in ref.items()})
     write_file(os.path.join(out, "scores.npz"), lambda f: np.savez_compressed(f, **every))
     report(results)
-
-
-def halves(data_dir, split, seed):
-    """The split's raw slices and labels; the indices of the clean half and of the half to corrupt, drawn from the
-    slices that are neither constant (skipped, as everywhere) nor ends of scans; the ends' indices; and the random
-    generator, to draw on from."""
-    files = dataset.find_splits(data_dir)[split]
-    raw = [read_nifti(f) for f in files]
-    labels = [read_nifti(m).astype(np.uint8) for m in dataset.find_masks(files)]
-    keep = [i for i, a in enumerate(raw) if a.max() > a.min()]
-    ends = [i for i in keep if (labels[i] > 0).mean() < END_SHARE]
-    rng = np.random.default_rng(seed)
-    order = rng.permutation([i for i in keep if i not in ends])
-    return raw, labels, order[:len(order) // 2], order[len(order) // 2:], ends, rng
 
 
 def kind_row(clean, bad, ref):

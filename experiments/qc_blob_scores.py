@@ -13,22 +13,27 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import artefacts  # noqa: E402
 import dataset  # noqa: E402
 import options  # noqa: E402
 import qc  # noqa: E402
+from artefacts import halves, normalised  # noqa: E402
 from job import pick_device  # noqa: E402
-from metrics import auroc, average_precision  # noqa: E402
-from modules import reconstruct  # noqa: E402
+from metrics import auroc, average_precision, reconstruct  # noqa: E402
 from options import Option  # noqa: E402
-import qc_benchmark  # noqa: E402
-from qc_benchmark import halves, normalised  # noqa: E402
 from utils import run_script  # noqa: E402
 
-BLOCK = dict({k: v for k, v in qc_benchmark.BLOCK.items() if k not in ("heal_bits", "out_dir", "rescore")},
-             severity=Option("moderate", choices=artefacts.SEVERITIES),
-             heal_bits=Option(10.0, above=0))  # the healed error: codes above these bits redrawn
+BLOCK = dict(
+    checkpoint=Option(None, kind=str),
+    prior_checkpoint=Option(None, kind=str),
+    data_dir=Option("data/qc-bench"),
+    split=Option("test", choices=dataset.SPLITS),
+    seed=Option(0),
+    severity=Option("moderate", choices=artefacts.SEVERITIES),
+    heal_bits=Option(10.0, above=0),  # the healed error: codes above these bits redrawn
+    device=Option("auto"),
+    batch_size=Option(64, at_least=1),
+)
 WINDOWS = (5, 9, 15)  # pixels: the healed error's local means
 
 
@@ -53,8 +58,7 @@ def candidates(x, vqvae, prior, dev, cfg, median=None):
 def main(argv):
     cfg = options.parse(BLOCK, argv)
     dev = pick_device(cfg.device)
-    qcfg = options.parse(qc.BLOCK, [f"--checkpoint={cfg.checkpoint}", f"--prior_checkpoint={cfg.prior_checkpoint}"])
-    path, ckpt, vqvae, prior = qc.load_models(qcfg, dev)
+    path, ckpt, vqvae, prior = qc.load_models(cfg.checkpoint, cfg.prior_checkpoint, dev)
     val = dataset.prepare(dataset.read_splits(os.path.dirname(path))["validate"], ckpt["config"]["cache_dir"], True,
                           desc="validate")
     ref, bits = candidates(val["x"], vqvae, prior, dev, cfg)

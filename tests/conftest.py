@@ -53,6 +53,14 @@ def run_process(script, *args, cwd, **kw):
                           text=True, timeout=600, **kw)
 
 
+def job_env(**extra):
+    """The environment for a job script (slurm/*.sh), which calls `python` from PATH: this interpreter's folder
+    first, so that the script runs the tests' own Python, with its packages, whether or not a virtual environment
+    is activated."""
+    path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    return dict(os.environ, PATH=path, **extra)
+
+
 def write_slice(path, data, affine=None):
     img = nib.Nifti1Image(data, np.diag([0.7, 0.7, 3.0, 1.0]) if affine is None else affine)
     img.set_data_dtype(data.dtype)

@@ -13,9 +13,10 @@ from torch._dynamo.utils import counters as dynamo_counters
 import bench
 import checkpoints
 import phantom
-from conftest import ROOT, TINY, TINY_PRIOR, make_study, run
+from conftest import ROOT, TINY, TINY_PRIOR, job_env, make_study, run
 from metrics import score
-from modules import VectorQuantizer, VQVAE, reconstruct
+from metrics import reconstruct
+from vqvae import VectorQuantizer, VQVAE
 from test_cluster import sigterm_at_step, strip_seconds
 
 GPU_PATH = ["--amp=True", "--fused_adamw=True", "--channels_last=True"]
@@ -148,9 +149,9 @@ def test_the_generation_check_runs_small_on_the_cpu(study, tmp_path):
     import shutil
     repo = tmp_path / "repo"
     shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns("data", "runs", ".git", ".venv*", "__pycache__", "tests"))
-    env = dict(os.environ, GEN_CHECK_DATA=study, GEN_CHECK_VQ_MINUTES="0.05", GEN_CHECK_PRIOR_MINUTES="0.05",
-               GEN_CHECK_ARGS=" ".join(TINY + [a for a in TINY_PRIOR if not a.startswith("--stage")]),
-               GEN_CHECK_SAMPLE_ARGS="--n_samples=6 --n_real=6 --c2st_steps=2")
+    env = job_env(GEN_CHECK_DATA=study, GEN_CHECK_VQ_MINUTES="0.05", GEN_CHECK_PRIOR_MINUTES="0.05",
+                  GEN_CHECK_ARGS=" ".join(TINY + [a for a in TINY_PRIOR if not a.startswith("--stage")]),
+                  GEN_CHECK_SAMPLE_ARGS="--n_samples=6 --n_real=6 --c2st_steps=2")
     r = subprocess.run(["bash", str(repo / "slurm" / "generation_check.sh")], cwd=repo, env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]

@@ -6,7 +6,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 import checkpoints
 from metrics import box_mean, psnr_torch, score, ssim_matrix, ssim_torch
-from modules import VQVAE, VectorQuantizer, code_counts
+from vqvae import VQVAE, VectorQuantizer, code_counts
 
 
 def test_model_shapes_and_grid():
@@ -123,12 +123,51 @@ def test_checkpoint_round_trip(tmp_path):
                 beta=0.25, ema_decay=0.99)
     m = VQVAE(**args)
     m.train()(torch.rand(2, 1, 256, 128))  # gives the codebook buffers values
-    checkpoints.save(tmp_path / "c.pt", "vqvae", model=m.state_dict(), model_args=args, config={}, epoch=3,
-                     val_ssim=0.5, score=0.5, data_root="", image_size=[256, 128], normalisation="")
+    checkpoints.save_model(tmp_path / "c.pt", "vqvae", m, args, config={}, epoch=3, val_ssim=0.5, score=0.5,
+                           data_root="", image_size=[256, 128], normalisation="")
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
     m2, ck = checkpoints.load_model(tmp_path / "c.pt")
     x = torch.rand(1, 1, 256, 128)
-    assert ck["epoch"] == 3 and torch.equal(m.eval()(x)[0], m2(x)[0])
+    assert ck["epoch"] == 3 and ck["model_class"] == "VQVAE" and torch.equal(m.eval()(x)[0], m2(x)[0])
+
+
+def test_a_checkpoint_of_format_1_is_read_as_its_kinds_class_and_others_are_refused(tmp_path):
+    """Files written before checkpoints recorded a class (format 1: a kind, one class each) still load; a file of
+    another format, or of a class this version does not know, is one line that says what to do."""
+    import pytest
+
+    from utils import DataError
+    args = dict(n_hiddens=16, n_residual_hiddens=8, n_residual_layers=1, embedding_dim=8, n_embeddings=32)
+    m = VQVAE(**args).eval()
+    fields = dict(model=m.state_dict(), model_args=args, config={}, epoch=1, val_ssim=0.5, score=0.5, data_root="",
+                  image_size=[256, 128], normalisation="")
+    torch.save(dict(kind="vqvae", format=1, **fields), tmp_path / "old.pt")  # as format 1 wrote it
+    m2, ck = checkpoints.load_model(tmp_path / "old.pt")
+    x = torch.rand(1, 1, 256, 128)
+    assert ck["model_class"] == "VQVAE" and torch.equal(m(x)[0], m2(x)[0])
+    torch.save(dict(kind="vqvae", format=0, **fields), tmp_path / "older.pt")
+    with pytest.raises(DataError, match="not a checkpoint of this version of the project.*retrain"):
+        checkpoints.load(tmp_path / "older.pt")
+    torch.save(dict(kind="vqvae", format=checkpoints.FORMAT, model_class="Transformer9000", **fields),
+               tmp_path / "alien.pt")
+    with pytest.raises(DataError, match="holds a Transformer9000, a model this version of the project does not"):
+        checkpoints.load_model(tmp_path / "alien.pt")
+
+
+def test_encode_gives_the_codes_of_forward_and_decode_what_forward_decodes():
+    torch.manual_seed(0)
+    m = VQVAE(n_hiddens=16, n_residual_hiddens=8, n_residual_layers=1, embedding_dim=8, n_embeddings=32)
+    m.train()(torch.rand(4, 1, 256, 128))  # codebook from data
+    m.eval()
+    x = torch.rand(3, 1, 256, 128)
+    before = m.quantizer.embedding.clone()
+    xh, _, codes = m(x)
+    assert torch.equal(m.encode(x), codes) and torch.equal(m.quantizer.embedding, before)
+    assert torch.allclose(m.decode(codes), xh, atol=1e-6)
+    maps = VQVAE(n_hiddens=16, n_residual_hiddens=8, n_residual_layers=1, embedding_dim=8, n_embeddings=32, n_down=4,
+                 in_channels=6, out_channels=6)  # an organ map, one-hot in, logits out, on a 16x8 grid
+    out, _, grid = maps(torch.rand(2, 6, 256, 128))
+    assert out.shape == (2, 6, 256, 128) and grid.shape == (2, 16, 8)
 
 
 def test_cuda_code_paths_run_on_cpu_bf16_channels_last():

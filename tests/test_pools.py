@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 
+import stages
 import train
 from conftest import ROOT, TINY, TINY_PRIOR, make_study, run
 from pool_tasks import workers_of
@@ -163,8 +164,8 @@ def sigterm_in(monkeypatch, module, name):
 
 
 @pytest.mark.parametrize("script, module, name, says", [
-    ("train.py", "train", "evaluate_split", "SIGTERM while scoring the best model on the test split"),
-    ("prior", "train", "reconstruct", "SIGTERM while encoding the training and validation slices with"),
+    ("train.py", "stages", "evaluate_split", "SIGTERM while scoring the best model on the test split"),
+    ("prior", "stages", "reconstruct", "SIGTERM while encoding the training and validation slices with"),
     ("predict.py", "predict", "evaluate_split", "SIGTERM while reconstructing and scoring the test split"),
     ("sample.py", "sample", "draw", "SIGTERM while drawing 4 samples"),
     ("sample.py", "sample", "judge", "SIGTERM while judging the samples"),
@@ -193,14 +194,14 @@ def test_sigterm_outside_the_training_steps_is_one_line(trained, tmp_path, monke
 
 def test_sigterm_in_the_last_validation_stops_before_the_test(trained, tmp_path, monkeypatch):
     calls = []
-    real = train.VQVAEStage.validate
+    real = stages.VQVAEStage.validate
 
     def validate(self):
         calls.append(1)
         if len(calls) == 2:  # the second and last epoch's validation
             os.kill(os.getpid(), signal.SIGTERM)
         return real(self)
-    monkeypatch.setattr(train.VQVAEStage, "validate", validate)
+    monkeypatch.setattr(stages.VQVAEStage, "validate", validate)
     out = tmp_path / "run"
     r = run("train.py", f"--data_dir={trained.root}", f"--out_dir={out}", "--n_epochs=2", *TINY, cwd=trained.tmp)
     assert r.returncode == 143 and r.stderr.strip().startswith("stopped: SIGTERM after the last training step")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-import modules
+import prior as prior_module
 from metrics import entropy
-from modules import CodePrior, centre_out
+from prior import CodePrior, centre_out
 
 N_CODES = 8
 GRID = (8, 4)  # 4 x 2 patches of 2 x 2 codes
@@ -101,10 +101,10 @@ def test_cached_sampling_draws_from_the_teacher_forced_distribution(temperature,
     # drawn grid: the cache, the neighbour inputs and the patch head agree with training
     model = tiny_prior(seed=3, double=True).eval()
     seen = []
-    real_draw = modules.draw_code
-    monkeypatch.setattr(modules, "draw_code", lambda logits, *a, **kw: seen.append(logits) or real_draw(logits, *a,
+    real_draw = prior_module.draw_code
+    monkeypatch.setattr(prior_module, "draw_code", lambda logits, *a, **kw: seen.append(logits) or real_draw(logits, *a,
                                                                                                         **kw))
-    grids = model.sample(5, temperature, top_k, generator=torch.Generator().manual_seed(7))
+    grids = model.sample(5, temperature=temperature, top_k=top_k, generator=torch.Generator().manual_seed(7))
     full = model.logits(grids)  # (5, T, 4, n_codes)
     assert len(seen) == model.n_tokens * 4
     assert torch.allclose(torch.stack(seen).view(model.n_tokens, 4, 5, N_CODES).permute(2, 0, 1, 3), full.float(),
@@ -145,11 +145,22 @@ def test_prior_checkpoint_round_trip(tmp_path):
     import checkpoints
     args = dict(n_codes=N_CODES, grid=GRID, patch=2, d_model=32, n_layers=2, n_heads=2, dropout=0.0)
     model = tiny_prior()
-    checkpoints.save(tmp_path / "p.pt", "prior", model=model.state_dict(), model_args=args, config={}, epoch=0,
-                     val_bits_per_code=1.0, score=-1.0, unigram_bits_per_code=2.0, vqvae_checkpoint="")
+    checkpoints.save_model(tmp_path / "p.pt", "prior", model, args, config={}, epoch=0, val_bits_per_code=1.0,
+                           score=-1.0, unigram_bits_per_code=2.0, vqvae_checkpoint="")
     loaded, _ = checkpoints.load_model(tmp_path / "p.pt", kind="prior")
     codes = torch.randint(0, N_CODES, (2, *GRID))
     assert isinstance(loaded, CodePrior) and torch.equal(loaded(codes), model.eval()(codes))
+
+
+def test_a_prior_of_whole_grids_refuses_a_condition_in_one_line():
+    from utils import DataError
+    model, codes = tiny_prior(), torch.randint(0, N_CODES, (2, *GRID))
+    maps = torch.zeros(2, 256, 128, dtype=torch.long)
+    for call in (lambda: model.loss(codes, maps), lambda: model.code_bits(codes, maps),
+                 lambda: model.sample(2, maps)):
+        with pytest.raises(DataError, match="^CodePrior: a prior of whole grids takes no condition$"):
+            call()
+    assert torch.equal(model.loss(codes), model(codes))  # forward is the loss
 
 
 def test_train_prior_then_sample_end_to_end(trained, tmp_path):
@@ -198,12 +209,12 @@ def test_augmented_copies_are_the_slices_flipped_zoomed_and_shifted():
 def test_the_prior_trains_on_augmented_grids_with_weight_decay_on_its_matrices(trained, tmp_path):
     import torch
 
-    import train
+    import stages
     from conftest import TINY_PRIOR, run
     r = run("train.py", *TINY_PRIOR, "--prior_n_epochs=1", "--prior_augment=2", "--prior_weight_decay=0.1",
             f"--vqvae_checkpoint={trained.out / 'best_model.pt'}", f"--out_dir={tmp_path / 'p'}", cwd=trained.tmp)
     assert r.returncode == 0 and "codes (48, 64, 32)" in r.stdout, r.stdout + r.stderr  # 16 slices and 2 copies
-    stage = train.PriorStage.__new__(train.PriorStage)
+    stage = stages.PriorStage.__new__(stages.PriorStage)
     stage.cfg, stage.model = SimpleNamespace(prior_weight_decay=0.1), tiny_prior()
     decayed, plain = stage.param_groups()
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0

@@ -135,15 +135,17 @@ def tiny():
     """A tiny VQ-VAE and prior trained on mini_slices: 150 steps each."""
     import torch
 
-    import train
-    from modules import VQVAE, CodePrior, reconstruct
+    import stages
+    from metrics import reconstruct
+    from prior import CodePrior
+    from vqvae import VQVAE
     x = torch.from_numpy(mini_slices(64, np.random.default_rng(0)))[:, None]
     torch.manual_seed(0)
     vqvae = VQVAE(n_hiddens=16, n_residual_hiddens=8, n_residual_layers=1, embedding_dim=8, n_embeddings=32)
     prior = CodePrior(32, (16, 8), 2, 32, 2, 2)
     opt = torch.optim.Adam(vqvae.parameters(), lr=3e-3)
     for _ in range(150):
-        loss, _ = train.vqvae_loss(vqvae, x[torch.randint(0, len(x), (16,))], 0.1)
+        loss, _ = stages.vqvae_loss(vqvae, x[torch.randint(0, len(x), (16,))], 0.1)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -1,169 +1,43 @@
-"""The VQ-VAE (van den Oord et al. 2017): Encoder -> VectorQuantizer -> Decoder, and the prior over its codes.
+"""Priors over a VQ-VAE's code grids, behind one interface, so that training, sampling and quality control use any
+of them alike (nanoGPT's model.py, with the grid read as a sequence).
 
-A 256x128 slice becomes a 64x32 grid of indices into a codebook of n_embeddings vectors of size embedding_dim.
-CodePrior models that grid autoregressively in 2x2 patches with full causal attention, so that sampled grids
-decode to new slices. Its loss is in nats per code; divided by ln 2 it is bits per code.
+Every prior is a Prior, and keeps this interface:
+
+    prior.loss(codes, condition=None)       -> the mean cross-entropy in nats per code (the training loss; forward)
+    prior.code_bits(codes, condition=None)  -> (B, h, w): the bits each code costs, given what is read before it
+    prior.sample(n, condition=None, temperature=1.0, top_k=0, generator=None, given=None, heal_bits=None)
+                                            -> (n, h, w) new grids
+
+codes are (B, h, w) long tensors of a VQ-VAE's code indices. A prior of whole grids takes no condition and refuses
+one in one line; a prior that takes one (takes_condition) needs it for every grid. sample draws each code from
+softmax(logits / temperature) over the top_k most likely (0: all); with given grids it heals them instead (Pinaya et
+al. 2022): each given code is kept unless it costs more than heal_bits, and only those are drawn afresh. Losses are
+in nats; divided by ln 2 they are bits.
 """
 import math
-from collections import OrderedDict
 
-import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-class ResidualLayer(nn.Module):
-    def __init__(self, n_hiddens, n_residual_hiddens):
-        super().__init__()
-        self.block = nn.Sequential(
-            nn.ReLU(), nn.Conv2d(n_hiddens, n_residual_hiddens, 3, padding=1),
-            nn.ReLU(), nn.Conv2d(n_residual_hiddens, n_hiddens, 1))
-
-    def forward(self, x):
-        return x + self.block(x)
+from utils import DataError
 
 
-class ResidualStack(nn.Module):
-    """n_residual_layers layers, each with its own weights."""
+class Prior(nn.Module):
+    """The interface of every prior (the module docstring); forward is the loss, which the training step calls."""
+    takes_condition = False
 
-    def __init__(self, n_hiddens, n_residual_hiddens, n_residual_layers):
-        super().__init__()
-        self.layers = nn.Sequential(*[ResidualLayer(n_hiddens, n_residual_hiddens) for _ in range(n_residual_layers)])
+    def forward(self, codes, condition=None):
+        return self.loss(codes, condition)
 
-    def forward(self, x):
-        return F.relu(self.layers(x))
+    def check_condition(self, condition):
+        """Refuse a condition a prior cannot take, or a missing one it needs, in one line."""
+        name = type(self).__name__
+        if condition is not None and not self.takes_condition:
+            raise DataError(f"{name}: a prior of whole grids takes no condition")
+        if condition is None and self.takes_condition:
+            raise DataError(f"{name}: a conditional prior needs its condition for every grid")
 
-
-class Encoder(nn.Module):
-    """(N, 1, H, W) -> (N, embedding_dim, H / 2^n_down, W / 2^n_down): n_down stride-2 convolutions, then residual
-    layers."""
-
-    def __init__(self, n_hiddens, n_residual_hiddens, n_residual_layers, embedding_dim, n_down=2):
-        super().__init__()
-        widths = [1, n_hiddens // 2] + [n_hiddens] * (n_down - 1)
-        layers = []
-        for i in range(n_down):
-            layers += [(f"down{i + 1}", nn.Conv2d(widths[i], widths[i + 1], 4, stride=2, padding=1)),
-                       (f"relu{i + 1}", nn.ReLU())]
-        self.net = nn.Sequential(OrderedDict(
-            layers + [("conv", nn.Conv2d(n_hiddens, n_hiddens, 3, padding=1)),
-                      ("residual", ResidualStack(n_hiddens, n_residual_hiddens, n_residual_layers)),
-                      ("project", nn.Conv2d(n_hiddens, embedding_dim, 1))]))
-
-    def forward(self, x):
-        return self.net(x)
-
-
-class Decoder(nn.Module):
-    """(N, embedding_dim, H / 2^n_down, W / 2^n_down) -> (N, 1, H, W), the mirror of the encoder."""
-
-    def __init__(self, n_hiddens, n_residual_hiddens, n_residual_layers, embedding_dim, n_down=2):
-        super().__init__()
-        widths = [n_hiddens] * (n_down - 1) + [n_hiddens // 2, 1]
-        layers = [("conv", nn.Conv2d(embedding_dim, n_hiddens, 3, padding=1)),
-                  ("residual", ResidualStack(n_hiddens, n_residual_hiddens, n_residual_layers))]
-        for i in range(n_down):
-            layers.append((f"up{i + 1}", nn.ConvTranspose2d(widths[i], widths[i + 1], 4, stride=2, padding=1)))
-            if i < n_down - 1:
-                layers.append((f"relu{i + 1}", nn.ReLU()))
-        self.net = nn.Sequential(OrderedDict(layers))
-
-    def forward(self, z):
-        return self.net(z)
-
-
-class VectorQuantizer(nn.Module):
-    """Nearest-codebook quantiser with an exponential-moving-average codebook and dead-code restarts.
-
-    Loss: beta * ||z - sg(e)||^2 (the commitment term; the codebook itself learns by EMA, not by gradient).
-    Straight-through gradient: the decoder's gradient passes to z unchanged. Distances are computed in fp32.
-    A code whose EMA count falls below `dead_threshold` assignments per step is moved onto a random encoder
-    output of the current batch; all codes start dead, so the first batch initialises the codebook from data.
-    Under torch.distributed, counts and sums are all-reduced and restart candidates come from rank 0, so every
-    rank holds the same codebook.
-    """
-
-    def __init__(self, n_embeddings, embedding_dim, beta=0.25, decay=0.99, dead_threshold=1.0, eps=1e-5):
-        super().__init__()
-        self.n_embeddings, self.embedding_dim = n_embeddings, embedding_dim
-        self.beta, self.decay, self.dead_threshold, self.eps = beta, decay, dead_threshold, eps
-        self.register_buffer("embedding", torch.zeros(n_embeddings, embedding_dim))
-        self.register_buffer("cluster_size", torch.zeros(n_embeddings))
-        self.register_buffer("embed_sum", torch.zeros(n_embeddings, embedding_dim))
-
-    def distances(self, flat):
-        """Squared distances (M, n_embeddings) of each row of flat (M, D) to every code (fp32 in forward)."""
-        e = self.embedding
-        return flat.pow(2).sum(1, keepdim=True) - 2 * flat @ e.t() + e.pow(2).sum(1)
-
-    @torch.no_grad()
-    def ema_update(self, flat, idx):
-        counts = code_counts(idx, self.n_embeddings)
-        sums = torch.zeros_like(self.embed_sum).index_add_(0, idx, flat)
-        candidates = flat[torch.randint(0, flat.shape[0], (self.n_embeddings,), device=flat.device)]
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(counts)
-            dist.all_reduce(sums)
-            dist.broadcast(candidates, 0)
-        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
-        self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
-        n = self.cluster_size.sum()
-        smoothed = (self.cluster_size + self.eps) / (n + self.n_embeddings * self.eps) * n  # Laplace smoothing
-        self.embedding.copy_(self.embed_sum / smoothed[:, None])
-        # restart dead codes without a host sync: torch.where instead of `if dead.any()`
-        dead = self.cluster_size < self.dead_threshold
-        self.embedding.copy_(torch.where(dead[:, None], candidates, self.embedding))
-        self.embed_sum.copy_(torch.where(dead[:, None], candidates * self.dead_threshold, self.embed_sum))
-        self.cluster_size.copy_(torch.where(dead, torch.full_like(self.cluster_size, self.dead_threshold),
-                                            self.cluster_size))
-
-    def forward(self, z):
-        """z (N, D, h, w) -> (z_q with straight-through gradient, commitment loss, indices (N, h, w))."""
-        n, d, h, w = z.shape
-        with torch.autocast(z.device.type, enabled=False):
-            z = z.float()
-            flat = z.permute(0, 2, 3, 1).reshape(-1, d)
-            idx = self.distances(flat).argmin(1)
-            if self.training:
-                self.ema_update(flat.detach(), idx)
-            zq = self.embedding[idx].view(n, h, w, d).permute(0, 3, 1, 2)
-            loss = self.beta * F.mse_loss(z, zq.detach())
-            zq = z + (zq - z).detach()
-        return zq, loss, idx.view(n, h, w)
-
-    def lookup(self, idx):
-        """Code indices (N, h, w) -> code vectors (N, D, h, w)."""
-        return self.embedding[idx].permute(0, 3, 1, 2)
-
-
-def code_counts(idx, n_codes, dtype=torch.float32):
-    """How often each of n_codes occurs in idx. Unlike torch.bincount on CUDA, it does not read the largest index
-    back to the host, so the training step has no host synchronisation."""
-    flat = idx.reshape(-1)
-    return torch.zeros(n_codes, dtype=dtype, device=idx.device).index_add_(0, flat, torch.ones_like(flat, dtype=dtype))
-
-
-class VQVAE(nn.Module):
-    def __init__(self, n_hiddens=128, n_residual_hiddens=32, n_residual_layers=2, embedding_dim=64,
-                 n_embeddings=512, beta=0.25, ema_decay=0.99, n_down=2):
-        super().__init__()
-        self.encoder = Encoder(n_hiddens, n_residual_hiddens, n_residual_layers, embedding_dim, n_down)
-        self.quantizer = VectorQuantizer(n_embeddings, embedding_dim, beta, ema_decay)
-        self.decoder = Decoder(n_hiddens, n_residual_hiddens, n_residual_layers, embedding_dim, n_down)
-
-    def forward(self, x):
-        """x (N, 1, H, W) in [0, 1] -> (reconstruction, commitment loss, code indices (N, H/4, W/4))."""
-        zq, loss, idx = self.quantizer(self.encoder(x))
-        return self.decoder(zq), loss, idx
-
-    @torch.no_grad()
-    def decode(self, idx):
-        return self.decoder(self.quantizer.lookup(idx))
-
-
-# ---- the prior over code grids ----------------------------------------------------------------------------------
 
 def centre_out(h):
     """Rows 0..h-1 from the middle outwards, alternating sides: m = (h - 1) // 2, m + 1, m - 1, m + 2, ... (h = 32:
@@ -215,7 +89,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
-class CodePrior(nn.Module):
+class CodePrior(Prior):
     """Autoregressive transformer over a VQ-VAE's (h, w) code grid, read in patch x patch blocks of codes, one token
     each (a 64x32 grid in 2x2 patches: 512 tokens), with full causal attention: each patch sees every patch read
     before it, so the whole slice is in view.
@@ -321,22 +195,25 @@ class CodePrior(nn.Module):
             drawn = drawn + self.drawn_emb(tokens[..., j] + j * self.n_codes)
         return torch.stack(out, 2)
 
-    def forward(self, codes):
-        """codes (B, h, w) -> mean cross-entropy in nats per code (the training loss; DDP wraps this)."""
+    def loss(self, codes, condition=None):
+        """codes (B, h, w) -> mean cross-entropy in nats per code."""
+        self.check_condition(condition)
         return F.cross_entropy(self.logits(codes).reshape(-1, self.n_codes).float(), self.to_tokens(codes).reshape(-1))
 
     @torch.no_grad()
-    def code_bits(self, codes):
+    def code_bits(self, codes, condition=None):
         """codes (B, h, w) -> the bits each code costs under the prior, given what is read before it (B, h, w)."""
+        self.check_condition(condition)
         nats = F.cross_entropy(self.logits(codes).float().permute(0, 3, 1, 2), self.to_tokens(codes), reduction="none")
         return self.to_grid(nats) / math.log(2)
 
     @torch.no_grad()
-    def sample(self, n, temperature=1.0, top_k=0, generator=None, given=None, heal_bits=None):
+    def sample(self, n, condition=None, temperature=1.0, top_k=0, generator=None, given=None, heal_bits=None):
         """Draw n grids (n, h, w): one transformer pass per patch over cached keys and values, then the patch's codes
-        one after another, each from softmax(logits / temperature), over the top_k most likely if top_k > 0.
-        Healing (Pinaya et al. 2022): with given grids (n, h, w), each given code is kept unless it costs more than
-        heal_bits under the prior, given the codes kept or drawn before it; only those are drawn afresh."""
+        one after another, each from softmax(logits / temperature), over the top_k most likely if top_k > 0; with
+        given grids (n, h, w), each given code is kept unless it costs more than heal_bits under the prior, given
+        the codes kept or drawn before it."""
+        self.check_condition(condition)
         dev = self.row_emb.weight.device
         given = None if given is None else self.to_tokens(given)
         tokens = torch.full((n, self.n_tokens, self.per_patch), self.start, dtype=torch.long, device=dev)
@@ -369,17 +246,3 @@ def draw_code(logits, temperature=1.0, top_k=0, generator=None):
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
 
-
-@torch.no_grad()
-def reconstruct(model, x, device, batch_size=64, amp=False, decode=True):
-    """x float32 (N, H, W) in [0, 1] (numpy) -> reconstructions (N, H, W) numpy, unclipped (None without decode),
-    and codes (N, h, w); with amp, under bf16 autocast (as in training on the GPU path)."""
-    recs, codes, device = [], [], torch.device(device)
-    for i in range(0, len(x), batch_size):
-        xb = torch.as_tensor(x[i:i + batch_size], device=device)[:, None]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            zq, _, idx = model.quantizer(model.encoder(xb))
-            if decode:
-                recs.append(model.decoder(zq).float()[:, 0].cpu().numpy())
-        codes.append(idx.cpu().numpy())
-    return np.concatenate(recs) if decode else None, np.concatenate(codes)
